@@ -1,0 +1,1 @@
+"""PH-Reg pipeline library: models, test-time augmentation, storage and data."""

@@ -1,0 +1,67 @@
+"""Student checkpoints: a folder with the student's timm weights, the optimiser and a state.
+
+    student.safetensors   the student's full state dict (plain timm parameter names)
+    optimizer.pt          AdamW state (tensors only: loads with weights_only=True)
+    state.json            step, epoch, and the configs that rebuild the student
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.errors import PipelineError
+from pipeline.models import student_skeleton
+from pipeline.storage import join_url, list_names, read_bytes, read_json
+
+WEIGHTS, OPTIMIZER, STATE = "student.safetensors", "optimizer.pt", "state.json"
+
+
+def save(folder: str, student: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    safetensors.torch.save_file(tensors, os.path.join(folder, WEIGHTS))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER))
+    with open(os.path.join(folder, STATE), "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+
+
+def load_training_state(folder: str, student: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights and optimiser in place from a local checkpoint folder; returns the state."""
+    student.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
+    optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER), map_location="cpu", weights_only=True))
+    with open(os.path.join(folder, STATE)) as f:
+        return json.load(f)
+
+
+def latest(run_url: str, storage_options=None) -> str:
+    """The checkpoint folder with the highest step under a student's run folder."""
+    best, best_step = None, -1
+    for name in list_names(run_url, storage_options):
+        if not name.startswith("checkpoint_"):
+            continue
+        url = join_url(run_url, name)
+        try:
+            step = read_json(join_url(url, STATE), storage_options)["step"]
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not a checkpoint folder, or one still being uploaded
+        if step > best_step:
+            best, best_step = url, step
+    if best is None:
+        raise PipelineError(f"no checkpoint under {run_url}: run the distill stage first")
+    return best
+
+
+def load_student(checkpoint_url: str, storage_options=None) -> tuple[nn.Module, dict]:
+    """Rebuild the trained student (eval mode) from a checkpoint folder, local or remote."""
+    state = read_json(join_url(checkpoint_url, STATE), storage_options)
+    teacher_cfg = TeacherConfig.model_validate(state["teacher"])
+    student_cfg = StudentConfig.model_validate(state["student"])
+    model = student_skeleton(teacher_cfg, student_cfg.registers)
+    model.load_state_dict(safetensors.torch.load(read_bytes(join_url(checkpoint_url, WEIGHTS), storage_options)))
+    return model.eval(), state

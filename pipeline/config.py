@@ -1,0 +1,249 @@
+"""Typed configuration: one section per stage, one YAML file for a whole run.
+
+A run is described by a `Config`. Files are merged in order (later files win), then
+`--section.field value` overrides from the command line are applied, then everything is
+validated. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+from pipeline.storage import absolute, join_url
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    run_root: str = Field("runs/demo", description="Folder or URL (s3://, gs://, ...) under which every stage writes by default.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for every URL (e.g. {client_kwargs: {endpoint_url: ...}}). "
+        "Never put credentials here: use the environment or instance roles.",
+    )
+
+
+class ShardConfig(Section):
+    input: list[str] = Field(
+        default_factory=lambda: ["sample:photos"],
+        description="Image sources: folders, fsspec globs (s3://b/raw/**/*.jpg) or 'sample:photos' for the bundled sample corpus.",
+    )
+    output: str | None = Field(None, description="Where shards and the manifest go. Default: <run_root>/shards.")
+    shard_size: int = Field(256, ge=1, description="Images per WebDataset shard; also the unit of work of every later stage.")
+    max_side: int | None = Field(
+        1024, ge=16, description="Downscale images whose shorter side exceeds this (keeps aspect). None keeps the original size."
+    )
+    min_side: int = Field(16, ge=1, description="Reject images whose shorter side is below this many pixels.")
+    jpeg_quality: int = Field(95, ge=50, le=100, description="Quality of the JPEG written for each accepted image.")
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="Reject images that declare more pixels than this (decompression-bomb guard)."
+    )
+    max_reject_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Abort the run when more than this fraction of the inputs is rejected."
+    )
+    sample_size: int = Field(48, ge=1, description="Number of images generated for 'sample:photos'.")
+
+
+class TeacherConfig(Section):
+    model: str = Field("vit_small_patch14_dinov2", description="timm model name (any ViT-family model timm can build).")
+    pretrained: bool = Field(False, description="Load timm's pretrained weights for the model (hub or timm cache).")
+    checkpoint: str | None = Field(
+        None, description="Weights file (.safetensors, or .pth/.pt loaded without executing pickled code). Path or URL."
+    )
+    img_size: int | tuple[int, int] = Field(224, description="Input resolution: one side, or [height, width].")
+    init_seed: int = Field(0, description="Seed of the random initialisation used when no weights are given.")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model.")
+
+    @field_validator("img_size")
+    @classmethod
+    def _positive(cls, v):
+        sides = (v, v) if isinstance(v, int) else v
+        if min(sides) < 1:
+            raise ValueError("img_size must be positive")
+        return v
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+
+
+class TTAConfig(Section):
+    counts: int = Field(10, ge=1, description="Views per image (view 0 is the identity).")
+    shift_frac: float = Field(0.15, ge=0.0, lt=1.0, description="Largest shift, as a fraction of the patch grid.")
+    flip: bool = Field(True, description="Flip views horizontally at random (never view 0).")
+    seed: int = Field(0, description="Seed of the views; an image's views depend only on (seed, global index, variant).")
+
+
+class CacheConfig(Section):
+    shards: str | None = Field(None, description="Shard folder holding manifest.json. Default: the shard stage's output.")
+    root: str | None = Field(None, description="Root of the target stores. Default: <run_root>/cache.")
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
+        "float16", description="Storage type of the targets; int8 uses a per-token scale."
+    )
+    variants: int = Field(1, ge=1, description="Targets per image, each with its own crop and views; epoch e uses variant e mod V.")
+    crop: Literal["center", "random"] | None = Field(
+        None, description="Crop of the stored views: 'center', or 'random' along the long side. Default: center for V=1, random otherwise."
+    )
+    batch_images: int = Field(4, ge=1, description="Images per teacher forward (times `counts` views).")
+    num_actors: int | None = Field(None, ge=1, description="Teacher actors. Default: one per GPU, else one per two CPUs.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs each actor reserves (fractions allowed).")
+    threads_per_actor: int | None = Field(None, ge=1, description="torch threads per actor on the CPU. Default: cpus_per_actor, at least 1.")
+    prefetch: int = Field(2, ge=1, description="Batches decoded ahead of the model in each actor.")
+    compression_level: int = Field(3, ge=1, le=22, description="zstd level of the stored targets.")
+
+    @property
+    def crop_mode(self) -> str:
+        return self.crop or ("center" if self.variants == 1 else "random")
+
+
+class StudentConfig(Section):
+    name: str = Field("r16", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this student; its run folder and export use it.")
+    registers: int = Field(16, ge=0, description="Register tokens added to the teacher.")
+    unlock: list[str] = Field(
+        default_factory=lambda: ["reg_token", "pos_embed", "patch_embed.proj.*", "blocks.{last}.*"],
+        description="Trainable parameters (fnmatch patterns on parameter names; {last} is the last block's index).",
+    )
+    register_seed: int = Field(0, description="Seed of the registers' initialisation (randn / sqrt(D)).")
+
+
+class DistillConfig(Section):
+    store: str | None = Field(None, description="Target store URL. Default: the store of this config's teacher under cache.root.")
+    epochs: int = Field(100, ge=1, description="Passes over the cached targets.")
+    batch_size: int = Field(8, ge=1, description="Images per step on each worker.")
+    lr: float = Field(1e-4, gt=0, description="Initial AdamW learning rate.")
+    final_lr: float = Field(5e-6, gt=0, description="Learning rate reached at the end of the exponential decay.")
+    weight_decay: float = Field(1e-2, ge=0)
+    mse_scale: float = Field(1.0, ge=0, description="Weight of the MSE term next to (1 - cosine).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool | None = Field(None, description="One GPU per worker. Default: when the cluster has GPUs.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker on the CPU. Default: cpus_per_worker.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    log_every: int = Field(20, ge=1, description="Steps between metric reports.")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting at the last checkpoint).")
+    seed: int = Field(0, description="Seed of the data order.")
+    output: str | None = Field(None, description="Folder of the student runs. Default: <run_root>/students.")
+
+
+class ExportConfig(Section):
+    checkpoint: str | None = Field(None, description="Checkpoint folder to export. Default: the student's latest checkpoint.")
+    output: str | None = Field(None, description="Export folder. Default: <run_root>/exports/<student.name>.")
+
+
+class EvaluateConfig(Section):
+    num_images: int = Field(8, ge=1, description="Images evaluated, spread evenly over the corpus.")
+    pca_images: int = Field(4, ge=1, description="Images shown in the PCA feature-map figure.")
+    outlier_k: float = Field(6.0, gt=0, description="A token is an outlier when its norm exceeds median + k * MAD of its image.")
+    abs_threshold: float | None = Field(None, gt=0, description="Also count tokens whose norm exceeds this absolute value.")
+    student: str | None = Field(None, description="Exported student folder. Default: this config's export output.")
+    output: str | None = Field(None, description="Report folder. Default: <run_root>/eval/<student.name>.")
+
+
+class Config(Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    tta: TTAConfig = Field(default_factory=TTAConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.distill.final_lr > self.distill.lr:
+            raise ValueError("distill.final_lr must not exceed distill.lr")
+        # Workers run in other folders (and on other machines): local paths become absolute.
+        for section, name in PATH_FIELDS:
+            part = getattr(self, section)
+            value = getattr(part, name)
+            if isinstance(value, str):
+                object.__setattr__(part, name, absolute(value))
+        object.__setattr__(self.shard, "input", [s if s.startswith("sample:") else absolute(s) for s in self.shard.input])
+        return self
+
+    # Derived locations: one place decides where each stage reads and writes.
+    def under_root(self, *parts: str) -> str:
+        return join_url(self.storage.run_root, *parts)
+
+    @property
+    def shards_url(self) -> str:
+        return self.shard.output or self.under_root("shards")
+
+    @property
+    def cache_shards_url(self) -> str:
+        return self.cache.shards or self.shards_url
+
+    @property
+    def cache_root(self) -> str:
+        return self.cache.root or self.under_root("cache")
+
+    @property
+    def students_url(self) -> str:
+        return self.distill.output or self.under_root("students")
+
+    @property
+    def export_url(self) -> str:
+        return self.export.output or self.under_root("exports", self.student.name)
+
+    @property
+    def eval_url(self) -> str:
+        return self.evaluate.output or self.under_root("eval", self.student.name)
+
+
+PATH_FIELDS = [
+    ("storage", "run_root"), ("shard", "output"), ("teacher", "checkpoint"), ("cache", "shards"), ("cache", "root"),
+    ("distill", "store"), ("distill", "output"), ("export", "checkpoint"), ("export", "output"),
+    ("evaluate", "student"), ("evaluate", "output"),
+]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(paths: list[str | Path] = (), overrides: dict[str, Any] | None = None) -> Config:
+    """Merge YAML files in order, apply dotted overrides, validate."""
+    tree: dict = {}
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = deep_merge(tree, data)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(tree, dotted, value)
+    try:
+        return Config.model_validate(tree)
+    except Exception as e:  # pydantic's message lists every bad field with its location
+        raise ConfigError(f"invalid configuration:\n{e}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,156 @@
+"""Image decoding, validation and the one preprocessing every stage shares.
+
+The shard stage turns any input into an upright RGB JPEG (`normalize_image`); the teacher
+cache and the student then both see exactly `Preprocess(img, box)` of that JPEG, so a
+cached target always describes the pixels the student is trained on.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class Rejected(Exception):
+    """An input that is not a usable image. `reason` is a short stable code for statistics."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    # Transparent pixels become white, the same colour as the TTA infill.
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16-bit and float scaled to their range, alpha over white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if img.mode.startswith("I;16") else (float(arr.min()), float(arr.max()))
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        return Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        return _flatten_alpha(img)
+    return img.convert("RGB")
+
+
+def normalize_image(data: bytes, *, max_pixels: int, min_side: int, max_side: int | None) -> tuple[Image.Image, dict]:
+    """Decode, validate and normalise one input. Raises `Rejected` with a reason."""
+    if not data:
+        raise Rejected("empty", "zero-byte file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise Rejected("not_an_image", "no image format recognised") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise Rejected("too_many_pixels", str(e)) from None
+        except Exception as e:  # corrupt headers raise many types
+            raise Rejected("corrupt", f"{type(e).__name__}: {e}") from None
+        width, height = img.size
+        if width * height > max_pixels:
+            raise Rejected("too_many_pixels", f"{width}x{height} exceeds {max_pixels} pixels")
+        source = {"format": img.format, "mode": img.mode, "width": width, "height": height}
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise Rejected("too_many_pixels", str(e)) from None
+        except Exception as e:  # truncated or corrupt data
+            raise Rejected("truncated", f"{type(e).__name__}: {e}") from None
+    if min(img.size) < min_side:
+        raise Rejected("too_small", f"{img.size[0]}x{img.size[1]} is below min_side={min_side}")
+    if max_side is not None and min(img.size) > max_side:
+        scale = max_side / min(img.size)
+        size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    return img, source
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode an image written by the shard stage (or an img2dataset shard)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def crop_box(width: int, height: int, out_hw: tuple[int, int], mode: str, rng: np.random.Generator | None = None):
+    """The largest box of the output's aspect ratio inside the image, centred or at a random
+    offset along the free axis. Returned as (left, top, right, bottom) in pixels (floats)."""
+    out_h, out_w = out_hw
+    if width * out_h >= height * out_w:  # image is wider than the output: slide horizontally
+        bw, bh = height * out_w / out_h, float(height)
+    else:
+        bw, bh = float(width), width * out_h / out_w
+    free_x, free_y = width - bw, height - bh
+    if mode == "center":
+        fx = fy = 0.5
+    elif mode == "random":
+        if rng is None:
+            raise ValueError("random crops need a generator")
+        fx, fy = rng.random(), rng.random()
+    else:
+        raise ValueError(f"unknown crop mode {mode!r}")
+    left, top = free_x * fx, free_y * fy
+    return (left, top, left + bw, top + bh)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Crop a box, resize it to the model's input and normalise with the model's statistics."""
+
+    size: tuple[int, int]  # (height, width)
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, img: Image.Image, box) -> torch.Tensor:
+        h, w = self.size
+        resized = img.resize((w, h), INTERPOLATIONS[self.interpolation], box=tuple(float(b) for b in box))
+        arr = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        return (arr - self.mean_tensor()) / self.std_tensor()
+
+    def mean_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+
+    def std_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+
+    def white(self) -> torch.Tensor:
+        """A white pixel (1.0 before normalisation) after normalisation: the TTA infill."""
+        return ((1.0 - self.mean_tensor()) / self.std_tensor()).view(3)
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(tuple(d["size"]), d["interpolation"], tuple(d["mean"]), tuple(d["std"]))

@@ -1,0 +1,217 @@
+"""Teacher and student models: plain timm models, built from a `TeacherConfig`.
+
+The student is the teacher's own timm architecture built with register tokens and
+`no_embed_class=True`, initialised from the teacher's weights (DESIGN section 1). It is a
+plain timm model, so timm's hub export and `create_model('local-dir:...')` work on it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import inspect
+import io
+import pickle
+from dataclasses import asdict, dataclass
+
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.errors import ConfigError, PipelineError, UnsafeWeightsError
+from pipeline.images import Preprocess
+from pipeline.storage import read_bytes, url_to_fs
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What later stages must agree on, derived from the config without loading weights."""
+
+    model: str
+    weights: str  # identity of the weights: timm pretrained tag, file digest or random-init seed
+    img_size: tuple[int, int]
+    patch: tuple[int, int]
+    grid: tuple[int, int]
+    dim: int
+    num_prefix_tokens: int
+    preprocess: Preprocess
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(img_size=list(self.img_size), patch=list(self.patch), grid=list(self.grid), preprocess=self.preprocess.to_dict())
+        return d
+
+
+def _model_kwargs(cfg: TeacherConfig, extra: dict | None = None) -> dict:
+    return {"img_size": cfg.hw, "num_classes": 0, **cfg.model_kwargs, **(extra or {})}
+
+
+def _create(cfg: TeacherConfig, **extra) -> nn.Module:
+    try:
+        return timm.create_model(cfg.model, pretrained=False, **_model_kwargs(cfg, extra))
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"timm has no model named {cfg.model!r} (see timm.list_models())") from None
+        raise
+
+
+def load_weights(url: str, storage_options=None) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file, never executing pickled code."""
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ConfigError(f"weights file not found: {url}") from None
+    if url.endswith(".safetensors"):
+        return safetensors.torch.load(data)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeWeightsError(
+            f"refusing to load {url}: it contains pickled objects other than tensors "
+            f"(loading it would execute code). Convert it to .safetensors. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise PipelineError(f"{url} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def weights_identity(cfg: TeacherConfig, storage_options=None) -> str:
+    if cfg.checkpoint:
+        fs, path = url_to_fs(cfg.checkpoint, storage_options)
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    if cfg.pretrained:
+        with torch.device("meta"):
+            pcfg = _create(cfg).pretrained_cfg
+        return f"timm:{pcfg.get('hf_hub_id') or pcfg.get('url') or pcfg.get('architecture')}:{pcfg.get('tag')}"
+    return f"random-init:seed={cfg.init_seed}:torch={torch.__version__.split('+')[0]}:timm={timm.__version__}"
+
+
+def describe_teacher(cfg: TeacherConfig, storage_options=None) -> TeacherSpec:
+    """Shapes and preprocessing of the teacher, on the meta device (no weights in memory)."""
+    with torch.device("meta"):
+        model = _create(cfg)
+    check_vit(model, cfg.model)
+    data = timm.data.resolve_model_data_config(model)
+    return TeacherSpec(
+        model=cfg.model,
+        weights=weights_identity(cfg, storage_options),
+        img_size=cfg.hw,
+        patch=tuple(model.patch_embed.patch_size),
+        grid=tuple(model.patch_embed.grid_size),
+        dim=model.embed_dim,
+        num_prefix_tokens=model.num_prefix_tokens,
+        preprocess=Preprocess(cfg.hw, data["interpolation"], tuple(data["mean"]), tuple(data["std"])),
+    )
+
+
+def check_vit(model: nn.Module, name: str) -> None:
+    needed = ("patch_embed", "blocks", "num_prefix_tokens", "forward_features")
+    missing = [a for a in needed if not hasattr(model, a)]
+    if missing or not hasattr(model.patch_embed, "grid_size"):
+        raise ConfigError(f"{name} is not a ViT-family timm model (missing {missing or ['patch_embed.grid_size']})")
+
+
+def load_teacher(cfg: TeacherConfig, storage_options=None, device: str | torch.device = "cpu") -> nn.Module:
+    """The frozen teacher in eval mode."""
+    if cfg.checkpoint:
+        state = load_weights(cfg.checkpoint, storage_options)
+        # timm's own filter adapts the checkpoint (key renames, pos_embed resampling to img_size)
+        model = timm.create_model(
+            cfg.model, pretrained=True, pretrained_cfg_overlay={"state_dict": state, "source": ""}, **_model_kwargs(cfg)
+        )
+    elif cfg.pretrained:
+        model = timm.create_model(cfg.model, pretrained=True, **_model_kwargs(cfg))
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.init_seed)
+            model = _create(cfg)
+    check_vit(model, cfg.model)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def register_kwarg(model: nn.Module) -> str:
+    params = inspect.signature(type(model).__init__).parameters
+    for name in ("reg_tokens", "num_reg_tokens"):
+        if name in params:
+            return name
+    raise ConfigError(f"{type(model).__name__} does not support register tokens in timm")
+
+
+def student_skeleton(teacher_cfg: TeacherConfig, registers: int) -> nn.Module:
+    """The student architecture (random weights): the teacher's, plus registers, prefix
+    tokens without position embedding."""
+    with torch.device("meta"):
+        kwarg = register_kwarg(_create(teacher_cfg))
+    return _create(teacher_cfg, **{kwarg: registers, "no_embed_class": True})
+
+
+def build_student(teacher: nn.Module, teacher_cfg: TeacherConfig, cfg: StudentConfig) -> nn.Module:
+    """The teacher's architecture with `cfg.registers` registers, initialised from the teacher."""
+    if getattr(teacher, "reg_token", None) is not None:
+        raise ConfigError(f"{teacher_cfg.model} already has register tokens; PH-Reg adds them to a model without")
+    student = student_skeleton(teacher_cfg, cfg.registers)
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    if not getattr(teacher, "no_embed_class", True) and state.get("pos_embed") is not None:
+        # Fold the class position into the class token: identical outputs, prefix without position.
+        n = teacher.num_prefix_tokens
+        if "cls_token" in state:
+            state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+        state["pos_embed"] = state["pos_embed"][:, n:]
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"reg_token"}:
+        raise PipelineError(f"student does not match teacher: missing {missing}, unexpected {unexpected}")
+    if student.reg_token is not None:
+        gen = torch.Generator().manual_seed(cfg.register_seed)
+        with torch.no_grad():
+            student.reg_token.copy_(torch.randn(student.reg_token.shape, generator=gen) / student.embed_dim**0.5)
+    return student.to(next(teacher.parameters()).device)
+
+
+def unlock(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Freeze everything, then unfreeze parameters matching the patterns. Returns their names."""
+    last = str(len(model.blocks) - 1)
+    patterns = [p.replace("{last}", last) for p in patterns]
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        if param.requires_grad:
+            names.append(name)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n, _ in model.named_parameters())]
+    if getattr(model, "reg_token", None) is None and "reg_token" in unmatched:
+        unmatched.remove("reg_token")  # a student with 0 registers has none to unlock
+    if unmatched:
+        raise ConfigError(f"unlock patterns match no parameter: {unmatched}")
+    return names
+
+
+class PatchFeatures(nn.Module):
+    """Training view of a timm ViT: forward returns `patch_features`. DDP must wrap a module
+    whose forward is the computation, or its gradient hooks never run."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return patch_features(self.model, x)
+
+
+def patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patch tokens of the final (normed) layer, prefix tokens removed: (N, gh, gw, D)."""
+    tokens = model.forward_features(x)[:, model.num_prefix_tokens:]
+    gh, gw = model.patch_embed.grid_size
+    return tokens.reshape(x.shape[0], gh, gw, tokens.shape[-1])
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

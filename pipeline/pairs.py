@@ -1,0 +1,99 @@
+"""(image, target) pairs for distillation, read shard by shard.
+
+Every rank computes the same epoch plan from (seed, epoch): shards are shuffled and dealt
+to ranks, largest share to the least loaded rank, so a rank reads each of its tars and
+Zarr shards once per epoch; positions are shuffled within each shard. All ranks get
+exactly the same number of samples (DDP steps must match): a rank with too few wraps
+around its own list, one with too many stops early. With fewer shards than ranks, the
+shards are split into interleaved parts instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.images import Preprocess, decode_rgb
+from pipeline.manifest import Manifest, sample_key
+from pipeline.errors import PipelineError
+from pipeline.shards import read_tar
+from pipeline.target_store import TargetStore, decode
+
+
+def epoch_plan(counts: dict[int, int], epoch: int, seed: int, rank: int, world: int) -> list[tuple[int, np.ndarray]]:
+    """This rank's (shard id, positions) units for one epoch, in reading order."""
+    rng = np.random.default_rng([seed, epoch])
+    order = [int(s) for s in rng.permutation(sorted(counts))]
+    parts = 1 if len(order) >= world else world
+    units = []
+    for shard in order:
+        positions = np.random.default_rng([seed, epoch, shard]).permutation(counts[shard])
+        units += [(shard, positions[p::parts]) for p in range(parts) if len(positions[p::parts])]
+    loads, mine = [0] * world, [[] for _ in range(world)]
+    for unit in units:
+        r = int(np.argmin(loads))
+        mine[r].append(unit)
+        loads[r] += len(unit[1])
+    per_rank = sum(counts.values()) // world
+    plan, taken = [], 0
+    while taken < per_rank and mine[rank]:
+        for shard, positions in mine[rank]:
+            take = positions[: per_rank - taken]
+            plan.append((shard, take))
+            taken += len(take)
+            if taken == per_rank:
+                break
+    return plan
+
+
+def samples_per_rank(counts: dict[int, int], world: int) -> int:
+    return sum(counts.values()) // world
+
+
+def skip(plan: list[tuple[int, np.ndarray]], n: int) -> list[tuple[int, np.ndarray]]:
+    """The plan without its first `n` samples (resuming inside an epoch)."""
+    out = []
+    for shard, positions in plan:
+        if n >= len(positions):
+            n -= len(positions)
+            continue
+        out.append((shard, positions[n:]))
+        n = 0
+    return out
+
+
+@dataclass
+class PairReader:
+    manifest: Manifest
+    store: TargetStore
+    preprocess: Preprocess
+    storage_options: dict | None = None
+
+    def pairs(self, plan: list[tuple[int, np.ndarray]], variant: int):
+        """Yield (image (3, H, W), target (gh, gw, D)) float32 tensors in plan order."""
+        dtype = self.store.spec.dtype
+        for shard, positions in plan:
+            rows = self.manifest.rows(shard)
+            samples = read_tar(self.manifest.tar_url(shard), self.storage_options)
+            if [s.key for s in samples] != [sample_key(i) for i in rows]:
+                raise PipelineError(f"shard {shard} does not match the manifest at {self.manifest.url}")
+            block = slice(rows.start, rows.stop)
+            stored = self.store.group["targets"][block, variant]
+            scales = self.store.group["scales"][block, variant] if dtype == "int8" else None
+            boxes = self.store.read_boxes(block, variant)
+            for p in positions:
+                img = decode_rgb(samples[p].image)
+                target = decode(stored[p], None if scales is None else scales[p], dtype)
+                yield self.preprocess(img, boxes[p]), torch.from_numpy(target)
+
+
+def batches(pairs, batch_size: int):
+    """Stack pairs into (images (B, 3, H, W), targets (B, gh, gw, D)); drops a short last batch."""
+    images, targets = [], []
+    for x, t in pairs:
+        images.append(x)
+        targets.append(t)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.stack(targets)
+            images, targets = [], []

@@ -1,0 +1,90 @@
+"""Paths and URLs through fsspec: the same calls for a local folder, s3://, gs://, ...
+
+Filesystem objects are created where they are used (in each process), never shipped
+between processes: async sessions bind to the event loop that first uses them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def has_scheme(url: str) -> bool:
+    return "://" in url
+
+
+def absolute(url: str) -> str:
+    """URLs unchanged, local paths made absolute."""
+    return url if has_scheme(url) else os.path.abspath(os.path.expanduser(url))
+
+
+def join_url(base: str, *parts: str) -> str:
+    if has_scheme(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    options = storage_options if has_scheme(url) else {}
+    return fsspec.core.url_to_fs(url, **(options or {}))
+
+
+def exists(url: str, storage_options=None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def read_bytes(url: str, storage_options=None) -> bytes:
+    fs, path = url_to_fs(url, storage_options)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options=None) -> None:
+    """Readers see the old object or the new one, never a partial write.
+
+    Object stores give this for a single PUT; on a local disk we rename a temporary file.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_json(url: str, storage_options=None) -> Any:
+    return json.loads(read_bytes(url, storage_options))
+
+
+def write_json(url: str, obj: Any, storage_options=None) -> None:
+    write_bytes_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
+
+
+def list_names(url: str, storage_options=None) -> list[str]:
+    """Names (not paths) of the entries directly under a folder; empty when it does not exist."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True)  # object stores cache listings otherwise
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def local_path(url: str) -> str | None:
+    """The local path of a URL without a scheme (or file://), None for remote storage."""
+    if not has_scheme(url):
+        return os.path.abspath(url)
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None

@@ -1,0 +1,280 @@
+"""The target store: denoised teacher features in a Zarr v3 group, one group per fingerprint.
+
+Layout of `<cache_root>/<fingerprint>/` (readable with plain `zarr`, see README):
+    targets   (rows, V, gh, gw, D)  float16 | float32 | uint16 (bfloat16 bits) | int8
+    scales    (rows, V, gh, gw)     float32, int8 stores only: target = targets * scales
+    boxes     (rows, V, 4)          float32 crop box (left, top, right, bottom) in pixels of the
+                                    shard's image: the student sees exactly this crop
+    complete/<shard>.json           written after a shard's rows: the shard is done
+
+Row `i` is global index `i` of the manifest. One Zarr shard of `targets` (and one chunk of
+`scales` and `boxes`) holds exactly one manifest shard, so exactly one writer ever touches
+an object, and a writer always writes its whole object (no read-modify-write), so a shard
+left half-written by a crash is simply overwritten when the shard is redone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models import describe_teacher
+from pipeline.storage import exists, join_url, list_names, read_json, write_json
+
+FORMAT = "phreg-targets/1"
+ENCODINGS = {
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "uint16",  # numpy has no bfloat16: the raw bits are stored
+    "int8": "int8",  # per-token absmax scale in `scales`
+}
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that changes a target. Its hash names the store."""
+
+    teacher: dict  # TeacherSpec.to_dict(): model, weights, img_size, patch, grid, dim, preprocess
+    counts: int
+    shift_frac: float
+    flip: bool
+    seed: int
+    dtype: str
+    variants: int
+    crop: str
+    corpus_id: str
+    capacity: int
+    infill: str = "white"
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.teacher["grid"])
+
+    @property
+    def dim(self) -> int:
+        return self.teacher["dim"]
+
+
+def store_spec(cfg, teacher, manifest) -> StoreSpec:
+    """The spec a `Config` asks for, given its `TeacherSpec` and the corpus `Manifest`."""
+    return StoreSpec(
+        teacher=teacher.to_dict(), counts=cfg.tta.counts, shift_frac=cfg.tta.shift_frac, flip=cfg.tta.flip,
+        seed=cfg.tta.seed, dtype=cfg.cache.dtype, variants=cfg.cache.variants, crop=cfg.cache.crop_mode,
+        corpus_id=manifest.corpus_id, capacity=manifest.capacity,
+    )
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def describe_differences(have: dict, want: dict, have_name: str, want_name: str) -> list[str]:
+    a, b = flatten(have), flatten(want)
+    return [f"{k}: {a.get(k)!r} ({have_name}) != {b.get(k)!r} ({want_name})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 features (..., D) -> stored array (and per-token scales for int8)."""
+    x = x.float()
+    if dtype == "float32":
+        return x.numpy(), None
+    if dtype == "float16":
+        return x.half().numpy(), None
+    if dtype == "bfloat16":
+        return x.bfloat16().view(torch.int16).numpy().view(np.uint16), None
+    scale = x.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = torch.round(x / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q.numpy(), scale.numpy()
+
+
+def decode(stored: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "int8":
+        return stored.astype(np.float32) * scales[..., None]
+    return stored.astype(np.float32)
+
+
+class TargetStore:
+    """One store. Cheap to construct and to pickle; Zarr is opened lazily in each process."""
+
+    def __init__(self, url: str, storage_options=None):
+        self.url = url
+        self.storage_options = storage_options or {}
+
+    def __getstate__(self):
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state):
+        self.__init__(state["url"], state["storage_options"])
+
+    # --- opening -------------------------------------------------------------------------
+    @cached_property
+    def group(self) -> zarr.Group:
+        try:
+            return zarr.open_group(store=self.url, mode="r+", storage_options=self._zarr_options())
+        except FileNotFoundError:
+            raise PipelineError(f"no target store at {self.url}") from None
+
+    def _zarr_options(self):
+        return self.storage_options if "://" in self.url else None
+
+    @cached_property
+    def attrs(self) -> dict:
+        meta = self.group.attrs.get("phreg")
+        if not meta or meta.get("format") != FORMAT:
+            raise PipelineError(f"{self.url} is not a target store of this pipeline")
+        return meta
+
+    @cached_property
+    def spec(self) -> StoreSpec:
+        return StoreSpec(**self.attrs["spec"])
+
+    @classmethod
+    def create_or_open(cls, root: str, spec: StoreSpec, manifest_url: str, num_rows: int, storage_options=None) -> "TargetStore":
+        """The store for `spec` under `root`, created if needed, grown to `num_rows` rows."""
+        url = join_url(root, spec.fingerprint)
+        store = cls(url, storage_options)
+        if exists(join_url(url, "zarr.json"), storage_options):
+            have = store.attrs["spec"]
+            if have != asdict(spec):  # a hash collision or a hand-edited store
+                diff = describe_differences(have, asdict(spec), "store", "config")
+                raise ConfigError(f"store {url} does not hold what its name says:\n  " + "\n  ".join(diff))
+            store.grow(num_rows)
+            return store
+        group = zarr.open_group(store=url, mode="w", zarr_format=3, storage_options=store._zarr_options())
+        V, (gh, gw), D, cap = spec.variants, spec.grid, spec.dim, spec.capacity
+        compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+        group.create_array(
+            "targets", shape=(num_rows, V, gh, gw, D), dtype=ENCODINGS[spec.dtype], chunks=(1, 1, gh, gw, D),
+            shards=(cap, V, gh, gw, D), compressors=compressor, fill_value=0,
+            dimension_names=("row", "variant", "y", "x", "channel"),
+        )
+        if spec.dtype == "int8":
+            group.create_array(
+                "scales", shape=(num_rows, V, gh, gw), dtype="float32", chunks=(cap, V, gh, gw),
+                compressors=compressor, fill_value=0, dimension_names=("row", "variant", "y", "x"),
+            )
+        group.create_array(
+            "boxes", shape=(num_rows, V, 4), dtype="float32", chunks=(cap, V, 4), fill_value=0,
+            dimension_names=("row", "variant", "box"),
+        )
+        group.attrs["phreg"] = {
+            "format": FORMAT,
+            "fingerprint": spec.fingerprint,
+            "spec": asdict(spec),
+            "manifest": manifest_url,
+            "encoding": {"targets": ENCODINGS[spec.dtype], "dtype": spec.dtype},
+        }
+        return store
+
+    def _arrays(self) -> list[zarr.Array]:
+        return [self.group[name] for name in ("targets", "scales", "boxes") if name in self.group]
+
+    def grow(self, num_rows: int) -> None:
+        """Extend the row axis (done by the driver before any writer starts)."""
+        for arr in self._arrays():
+            if arr.shape[0] < num_rows:
+                arr.resize((num_rows, *arr.shape[1:]))
+        self.__dict__.pop("group", None)
+
+    # --- writing -------------------------------------------------------------------------
+    def write_shard(self, shard_id: int, features: torch.Tensor, boxes: np.ndarray) -> int:
+        """Write a shard's rows: features (n, V, gh, gw, D) float32, boxes (n, V, 4).
+        Rows past `n` inside the shard's slot are written as fill, so every object is written
+        whole. Returns the bytes of encoded targets before compression."""
+        cap = self.spec.capacity
+        start, n = shard_id * cap, features.shape[0]
+        stored, scales = encode(features, self.spec.dtype)
+
+        def padded(a: np.ndarray) -> np.ndarray:
+            full = np.zeros((cap, *a.shape[1:]), dtype=a.dtype)
+            full[:n] = a
+            return full
+
+        self.group["targets"][start:start + cap] = padded(stored)
+        if scales is not None:
+            self.group["scales"][start:start + cap] = padded(scales)
+        self.group["boxes"][start:start + cap] = padded(boxes.astype(np.float32))
+        return stored.nbytes
+
+    def mark_complete(self, shard_id: int, info: dict) -> None:
+        write_json(join_url(self.url, "complete", f"{shard_id:05d}.json"), {"shard": shard_id, **info}, self.storage_options)
+
+    def completed(self) -> set[int]:
+        names = list_names(join_url(self.url, "complete"), self.storage_options)
+        return {int(n.split(".")[0]) for n in names if n.endswith(".json")}
+
+    def completion(self, shard_id: int) -> dict:
+        return read_json(join_url(self.url, "complete", f"{shard_id:05d}.json"), self.storage_options)
+
+    # --- reading -------------------------------------------------------------------------
+    def read(self, rows: slice | np.ndarray, variant: int) -> np.ndarray:
+        """float32 targets (n, gh, gw, D) of `rows` for one variant."""
+        stored = self.group["targets"][rows, variant]
+        scales = self.group["scales"][rows, variant] if self.spec.dtype == "int8" else None
+        return decode(stored, scales, self.spec.dtype)
+
+    def read_boxes(self, rows: slice | np.ndarray, variant: int) -> np.ndarray:
+        return self.group["boxes"][rows, variant]
+
+
+def list_stores(root: str, storage_options=None) -> list[TargetStore]:
+    stores = []
+    for name in list_names(root, storage_options):
+        url = join_url(root, name)
+        if exists(join_url(url, "zarr.json"), storage_options):
+            store = TargetStore(url, storage_options)
+            try:
+                store.attrs
+            except PipelineError:
+                continue
+            stores.append(store)
+    return stores
+
+
+def find_store(cfg, manifest) -> TargetStore:
+    """The store this config trains from, refusing any mismatch with a precise message."""
+    so = cfg.storage.storage_options
+    teacher = describe_teacher(cfg.teacher, so)
+    if cfg.distill.store:
+        store = TargetStore(cfg.distill.store, so)
+        diff = describe_differences(store.spec.teacher, teacher.to_dict(), "store", "config")
+        if diff:
+            raise ConfigError(f"the student config does not match the store {store.url}:\n  " + "\n  ".join(diff))
+    else:
+        spec = store_spec(cfg, teacher, manifest)
+        store = TargetStore(join_url(cfg.cache_root, spec.fingerprint), so)
+        stores = {s.url: s for s in list_stores(cfg.cache_root, so)}
+        if store.url not in stores:
+            lines = [f"no target store under {cfg.cache_root} matches this config (fingerprint {spec.fingerprint})."]
+            for other in stores.values():
+                diff = describe_differences(other.attrs["spec"], asdict(spec), "store", "config")
+                lines.append(f"{other.url} differs in:\n    " + "\n    ".join(diff))
+            lines.append("Run the teacher-cache stage with this config, or set distill.store to an existing store.")
+            raise ConfigError("\n".join(lines))
+    if store.spec.corpus_id != manifest.corpus_id:
+        raise ConfigError(f"store {store.url} was built from corpus {store.spec.corpus_id}, "
+                          f"but {manifest.url} holds corpus {manifest.corpus_id}")
+    missing = sorted(set(manifest.counts) - store.completed())
+    if missing:
+        raise ConfigError(f"store {store.url} is incomplete: {len(missing)} of {len(manifest.counts)} shards "
+                          f"have no targets (first: {missing[:5]}); run the teacher-cache stage to finish it")
+    return store

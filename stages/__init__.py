@@ -1,0 +1,1 @@
+"""Pipeline stages: thin orchestration over `pipeline/`, one module per stage."""

@@ -1,0 +1,77 @@
+"""`phreg <command> [--config FILE ...] [--section.option VALUE ...]`
+
+Every option of a command's config sections is a flag (`phreg distill --help` lists them
+with their meaning and default). Values are YAML: `--student.unlock '[pos_embed]'`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+from pydantic import BaseModel
+
+from pipeline.config import Config, load_config
+from pipeline.errors import PipelineError
+
+COMMANDS = {
+    "shard": ("Images -> WebDataset shards + manifest.", ["storage", "shard"]),
+    "teacher-cache": ("Shards -> denoised teacher targets (Zarr v3 store).", ["storage", "shard", "teacher", "tta", "cache"]),
+    "distill": ("Target store -> student checkpoints (Ray Train).", ["storage", "shard", "teacher", "tta", "cache", "student", "distill"]),
+    "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export"]),
+    "evaluate": ("Teacher vs targets vs student: norms, outliers, PCA pictures.",
+                 ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate"]),
+    "demo": ("shard -> teacher-cache -> distill -> export -> evaluate.", list(Config.model_fields)),
+}
+
+
+def _yaml_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _describe(field) -> str:
+    default = field.default_factory() if field.default_factory else field.default
+    return f"{field.description or ''} [default: {default!r}]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phreg", description="Post-hoc registers for pretrained ViTs, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_text, sections) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="YAML config; repeat to layer files (later ones win).")
+        for section in sections:
+            model: type[BaseModel] = Config.model_fields[section].annotation
+            group = p.add_argument_group(section)
+            for field_name, field in model.model_fields.items():
+                group.add_argument(f"--{section}.{field_name}", dest=f"{section}.{field_name}", type=_yaml_value,
+                                   default=argparse.SUPPRESS, metavar="V", help=_describe(field))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    command, paths = args.pop("command"), args.pop("config")
+    try:
+        cfg = load_config(paths, args)
+        run(command, cfg)
+    except PipelineError as e:
+        print(f"phreg {command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(command: str, cfg: Config):
+    from stages import demo, distill, evaluate, export, shard, teacher_cache
+
+    return {
+        "shard": shard.run,
+        "teacher-cache": teacher_cache.run,
+        "distill": distill.run,
+        "export": export.run,
+        "evaluate": evaluate.run,
+        "demo": demo.run,
+    }[command](cfg)

@@ -1,0 +1,42 @@
+"""Ray at the edge: connect to a cluster (RAY_ADDRESS) or start a local one."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import ray
+from tqdm import tqdm
+
+LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# For every worker, here or on a cluster: Ray Train's print patch would echo each line twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def init_ray() -> None:
+    """Same code path everywhere: with RAY_ADDRESS set the stages run on that cluster,
+    otherwise Ray starts on this machine with all its CPUs."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+             runtime_env={"env_vars": WORKER_ENV})
+
+
+def cluster_cpus() -> float:
+    return ray.cluster_resources().get("CPU", 1.0)
+
+
+def cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0.0)
+
+
+def progress(total: int, desc: str, unit: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)

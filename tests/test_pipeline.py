@@ -1,0 +1,162 @@
+"""End to end through real Ray, real WebDataset tars, real Zarr, a real S3 endpoint, real timm."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import timm
+import torch
+import webdataset as wds
+import zarr
+
+from pipeline import checkpoint
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.export import max_output_difference
+from pipeline.manifest import Manifest
+from pipeline.storage import join_url, list_names, read_bytes, url_to_fs
+from stages import distill, evaluate, export, shard, teacher_cache
+from tests.conftest import tiny_config
+from tests.corpus import awkward_files
+
+pytestmark = pytest.mark.slow
+
+
+def run_all(cfg):
+    manifest = shard.run(cfg)
+    store = teacher_cache.run(cfg)
+    distill.run(cfg)
+    export_url = export.run(cfg)
+    report = evaluate.run(cfg)
+    return manifest, store, export_url, report
+
+
+def check_outputs(cfg, manifest, store, export_url, report):
+    so = cfg.storage.storage_options
+    assert manifest.num_images == 12 and manifest.shard_ids == [0, 1, 2]
+
+    # the tars are plain WebDataset shards
+    fs, path = url_to_fs(manifest.tar_url(0), so)
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get_file(path, os.path.join(tmp, "00000.tar"))
+        samples = list(wds.WebDataset(os.path.join(tmp, "00000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["0000000000", "0000000001", "0000000002", "0000000003"]
+    assert json.loads(samples[0]["json"])["index"] == 0
+
+    # the store, read with plain zarr only
+    group = zarr.open_group(store.url, mode="r", storage_options=so if "://" in store.url else None)
+    targets = group["targets"][:]
+    assert targets.shape == (12, 1, 4, 4, 48) and targets.dtype == np.float16
+    assert np.isfinite(targets).all() and all(np.abs(targets[i]).sum() > 0 for i in range(12))  # every row written
+    attrs = group.attrs["phreg"]
+    assert attrs["spec"]["counts"] == 4 and attrs["spec"]["teacher"]["grid"] == [4, 4]
+    assert attrs["spec"]["corpus_id"] == manifest.corpus_id
+    assert sorted(list_names(join_url(store.url, "complete"), so)) == ["00000.json", "00001.json", "00002.json"]
+
+    # the export: plain timm rebuilds the student, outputs equal the trained checkpoint's
+    run_url = join_url(cfg.students_url, cfg.student.name)
+    trained, state = checkpoint.load_student(checkpoint.latest(run_url, so), so)
+    assert state["step"] == state["total_steps"] == 2 * 12 // (cfg.distill.batch_size * cfg.distill.num_workers)
+    fs, path = url_to_fs(export_url, so)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("config.json", "model.safetensors"):
+            fs.get_file(f"{path}/{name}", os.path.join(tmp, name))
+        model = timm.create_model(f"local-dir:{tmp}", pretrained=True)
+    assert model.reg_token.shape[1] == cfg.student.registers
+    assert max_output_difference(trained, model) == 0.0
+
+    metrics = read_bytes(join_url(run_url, "metrics.csv"), so).decode().splitlines()
+    assert metrics[0].startswith("step,epoch,loss") and len(metrics) > 1
+
+    for name in ("pca.png", "norms.png", "norm_hist.png", "report.md"):
+        assert read_bytes(join_url(cfg.eval_url, name), so)[:4] in (b"\x89PNG", b"# Ev")
+    assert set(report["norms"]) == {"teacher", "target", "student"}
+
+
+def test_end_to_end_local(tmp_path, ray_local):
+    cfg = tiny_config(str(tmp_path / "run"), **{"distill.num_workers": 2})
+    check_outputs(cfg, *run_all(cfg))
+
+
+def test_end_to_end_s3(s3_bucket, ray_local):
+    root, options = s3_bucket
+    cfg = tiny_config(f"{root}/run", options, **{"distill.num_workers": 2, "cache.num_actors": 2})
+    check_outputs(cfg, *run_all(cfg))
+
+
+def test_second_student_reuses_cache_and_mismatch_is_refused(tmp_path, ray_local):
+    cfg = tiny_config(str(tmp_path / "run"), **{"distill.epochs": 1})
+    shard.run(cfg)
+    store = teacher_cache.run(cfg)
+    before = {p: os.path.getmtime(p) for p in _files(store.url)}
+
+    second = tiny_config(str(tmp_path / "run"), **{"distill.epochs": 1, "student.name": "r2", "student.registers": 2})
+    assert teacher_cache.run(second).url == store.url  # nothing to compute
+    distill.run(second)
+    assert {p: os.path.getmtime(p) for p in _files(store.url)} == before
+    assert checkpoint.latest(join_url(second.students_url, "r2"))
+
+    wrong = tiny_config(str(tmp_path / "run"), **{"teacher.img_size": 96, "student.name": "wrong"})
+    with pytest.raises(ConfigError, match=r"teacher\.img_size") as info:
+        distill.run(wrong)
+    assert "teacher.grid" in str(info.value)
+    explicit = tiny_config(str(tmp_path / "run"), **{"teacher.img_size": 96, "distill.store": store.url, "student.name": "w"})
+    with pytest.raises(ConfigError, match=r"grid: \[4, 4\] \(store\) != \[6, 6\] \(config\)"):
+        distill.run(explicit)
+    assert not os.path.exists(join_url(wrong.students_url, "wrong"))  # refused before any compute
+
+    changed = tiny_config(str(tmp_path / "run"), **{"distill.epochs": 1, "student.name": "r2", "distill.lr": 5e-4})
+    with pytest.raises(ConfigError, match="distill.lr"):
+        distill.run(changed)  # resuming a run with other settings
+
+
+def test_targets_identical_across_runs_and_worker_counts(tmp_path, ray_local):
+    one = tiny_config(str(tmp_path / "run"), **{"cache.root": str(tmp_path / "c1"), "cache.num_actors": 1})
+    two = tiny_config(str(tmp_path / "run"), **{"cache.root": str(tmp_path / "c2"), "cache.num_actors": 2})
+    shard.run(one)
+    a, b = teacher_cache.run(one), teacher_cache.run(two)
+    assert a.url.rsplit("/", 1)[1] == b.url.rsplit("/", 1)[1]  # same fingerprint
+    ta, tb = zarr.open_group(a.url, mode="r")["targets"][:], zarr.open_group(b.url, mode="r")["targets"][:]
+    assert np.array_equal(ta, tb)
+    # and identical to a direct, single-process computation of one image
+    from pipeline.teacher_targets import TeacherTargets, shard_items
+
+    manifest = Manifest.load(one.shards_url)
+    computer = TeacherTargets(one.teacher, a, manifest)
+    item = next(shard_items(manifest, 1, a.spec, computer.preprocess))
+    direct = computer.targets([item])[0].half().numpy()
+    assert np.array_equal(direct, ta[manifest.rows(1).start, 0])
+
+
+def test_bad_inputs_are_rejected_with_reasons(tmp_path, ray_local):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = awkward_files()
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "notes.txt").write_text("not an input: wrong suffix")
+    cfg = tiny_config(str(tmp_path / "run"), **{"shard.input": [str(folder)], "shard.shard_size": 5})
+    manifest = shard.run(cfg)
+    expected = {name: reason for name, (_, reason) in files.items()}
+    rejects = [json.loads(line) for line in open(join_url(cfg.shards_url, "rejects.jsonl"))]
+    assert {os.path.basename(r["source"]): r["reason"] for r in rejects} == {n: r for n, r in expected.items() if r}
+    assert manifest.num_images == sum(r is None for r in expected.values())
+    stats = json.load(open(join_url(cfg.shards_url, "stats.json")))
+    assert stats["inputs"] == len(files) and stats["rejected"] == len(rejects)
+    teacher_cache.run(cfg)  # the accepted images go through the teacher
+
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for i in range(4):
+        (garbage / f"{i}.jpg").write_bytes(b"nope")
+    (garbage / "ok.jpg").write_bytes(files["good.jpg"][0])
+    bad = tiny_config(str(tmp_path / "run2"), **{"shard.input": [str(garbage)]})
+    with pytest.raises(PipelineError, match="80%"):
+        shard.run(bad)
+    assert not os.path.exists(join_url(bad.shards_url, "manifest.json"))
+
+
+def _files(root):
+    return [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]

@@ -1,0 +1,79 @@
+"""The target store: encodings, layout readable by plain zarr, refusal of mismatches."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.errors import ConfigError
+from pipeline.target_store import StoreSpec, TargetStore, decode, describe_differences, encode
+
+TEACHER = {"model": "m", "weights": "w", "img_size": [32, 32], "patch": [16, 16], "grid": [2, 2], "dim": 8,
+           "num_prefix_tokens": 1, "preprocess": {"size": [32, 32], "interpolation": "bicubic",
+                                                  "mean": [0.5] * 3, "std": [0.5] * 3}}
+SPEC = StoreSpec(teacher=TEACHER, counts=4, shift_frac=0.15, flip=True, seed=0, dtype="float16", variants=2,
+                 crop="random", corpus_id="c", capacity=3)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1e-2)])
+def test_encodings_round_trip(dtype, tol):
+    x = torch.randn(5, 2, 2, 64) * 3
+    stored, scales = encode(x, dtype)
+    back = decode(stored, scales, dtype)
+    rel = np.abs(back - x.numpy()).max(axis=-1) / np.abs(x.numpy()).max(axis=-1)
+    assert rel.max() <= tol
+
+
+def test_bfloat16_bits_are_plain_uint16():
+    stored, _ = encode(torch.tensor([1.0, -2.0, 0.5]), "bfloat16")
+    assert stored.dtype == np.uint16 and stored.tolist() == [0x3F80, 0xC000, 0x3F00]
+
+
+def test_fingerprint_changes_with_anything_that_changes_a_target():
+    fields = {"counts": 5, "shift_frac": 0.2, "flip": False, "seed": 1, "dtype": "int8", "variants": 1,
+              "crop": "center", "corpus_id": "d"}
+    prints = {replace(SPEC, **{k: v}).fingerprint for k, v in fields.items()}
+    prints.add(replace(SPEC, teacher={**TEACHER, "weights": "other"}).fingerprint)
+    assert len(prints | {SPEC.fingerprint}) == len(fields) + 2
+
+
+def test_write_read_and_plain_zarr_layout(tmp_path):
+    store = TargetStore.create_or_open(str(tmp_path), SPEC, "manifest-url", num_rows=6)
+    feats = torch.randn(2, 2, 2, 2, 8)  # shard 1 holds 2 of its 3 rows
+    boxes = np.arange(16, dtype=np.float32).reshape(2, 2, 4)
+    store.write_shard(1, feats, boxes)
+    store.mark_complete(1, {"images": 2})
+    assert store.completed() == {1}
+    assert np.allclose(store.read(slice(3, 5), 1), feats[:, 1].numpy(), atol=1e-2)
+
+    group = zarr.open_group(str(tmp_path / SPEC.fingerprint), mode="r")
+    targets = group["targets"]
+    assert targets.shape == (6, 2, 2, 2, 8) and targets.dtype == np.float16
+    assert targets.shards == (3, 2, 2, 2, 8)  # one Zarr shard per manifest shard
+    assert np.array_equal(group["boxes"][3:5], boxes)
+    assert group.attrs["phreg"]["spec"]["counts"] == 4
+    assert not group["targets"][5].any()  # the unused slot of the shard stays empty
+
+
+def test_reopening_grows_and_keeps_data(tmp_path):
+    store = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3)
+    store.write_shard(0, torch.ones(3, 2, 2, 2, 8), np.zeros((3, 2, 4)))
+    grown = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=9)
+    assert grown.group["targets"].shape[0] == 9
+    assert np.all(grown.read(slice(0, 3), 0) == 1.0)
+
+
+def test_a_store_whose_attributes_disagree_is_refused(tmp_path):
+    store = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3)
+    group = zarr.open_group(store.url, mode="r+")
+    meta = dict(group.attrs["phreg"])
+    meta["spec"] = {**meta["spec"], "counts": 99}
+    group.attrs["phreg"] = meta
+    with pytest.raises(ConfigError, match="counts: 99"):
+        TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3)
+
+
+def test_differences_name_the_keys():
+    diff = describe_differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 3}, "c": 2}, "store", "config")
+    assert diff == ["a.b: 1 (store) != 3 (config)"]
