@@ -174,6 +174,8 @@ def train_loop(config: dict) -> None:
             except StopIteration:
                 break
             wait += time.perf_counter() - t_wait
+            if device.type == "cuda":
+                images, targets = images.pin_memory(), targets.pin_memory()
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             lr = exp_decay_lr(step, total, d.lr, d.final_lr)
