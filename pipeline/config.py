@@ -35,7 +35,15 @@ class ShardConfig(Section):
         description="Image sources: folders, fsspec globs (s3://b/raw/**/*.jpg) or 'sample:photos' for the bundled sample corpus.",
     )
     output: str | None = Field(None, description="Where shards and the manifest go. Default: <run_root>/shards.")
-    shard_size: int = Field(256, ge=1, description="Images per WebDataset shard; also the unit of work of every later stage.")
+    shard_size: int = Field(256, ge=1, description="Images per WebDataset shard (its slot of global indices). For input tars: at least their largest sample count.")
+    unit_rows: int = Field(
+        256, ge=1, description="Most images per unit of work (one teacher-cache task, one Zarr shard of targets): "
+        "the largest divisor of the shard size up to this."
+    )
+    mode: Literal["incremental", "extend", "overwrite"] = Field(
+        "incremental", description="incremental: build missing shards of the same plan; extend: keep existing shards "
+        "and add new inputs as new shards; overwrite: delete the shard folder and start over."
+    )
     max_side: int | None = Field(
         1024, ge=16, description="Downscale images whose shorter side exceeds this (keeps aspect). None keeps the original size."
     )

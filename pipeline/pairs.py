@@ -1,11 +1,11 @@
-"""(image, target) pairs for distillation, read shard by shard.
+"""(image, target) pairs for distillation, read unit by unit.
 
-Every rank computes the same epoch plan from (seed, epoch): shards are shuffled and dealt
-to ranks, largest share to the least loaded rank, so a rank reads each of its tars and
-Zarr shards once per epoch; positions are shuffled within each shard. All ranks get
-exactly the same number of samples (DDP steps must match): a rank with too few wraps
-around its own list, one with too many stops early. With fewer shards than ranks, the
-shards are split into interleaved parts instead.
+Every rank computes the same epoch plan from (seed, epoch): units (a Zarr shard of targets
+and a contiguous byte range of a tar) are shuffled and dealt to ranks, each to the least
+loaded rank, so a rank reads each of its units once per epoch; positions are shuffled
+within each unit. All ranks get exactly the same number of samples (DDP steps must match):
+a rank with too few wraps around its own list, one with too many stops early. With fewer
+units than ranks, units are split into interleaved parts instead.
 """
 from __future__ import annotations
 
@@ -15,21 +15,21 @@ import numpy as np
 import torch
 
 from pipeline.images import Preprocess, decode_rgb
-from pipeline.manifest import Manifest, sample_key
-from pipeline.errors import PipelineError
-from pipeline.shards import read_tar
+from pipeline.manifest import Manifest
+from pipeline.shards import fetch_images
 from pipeline.target_store import TargetStore, decode
 
 
 def epoch_plan(counts: dict[int, int], epoch: int, seed: int, rank: int, world: int) -> list[tuple[int, np.ndarray]]:
-    """This rank's (shard id, positions) units for one epoch, in reading order."""
+    """This rank's (unit id, positions within the unit) for one epoch, in reading order.
+    `counts` maps unit id -> images."""
     rng = np.random.default_rng([seed, epoch])
     order = [int(s) for s in rng.permutation(sorted(counts))]
     parts = 1 if len(order) >= world else world
     units = []
-    for shard in order:
-        positions = np.random.default_rng([seed, epoch, shard]).permutation(counts[shard])
-        units += [(shard, positions[p::parts]) for p in range(parts) if len(positions[p::parts])]
+    for unit in order:
+        positions = np.random.default_rng([seed, epoch, unit]).permutation(counts[unit])
+        units += [(unit, positions[p::parts]) for p in range(parts) if len(positions[p::parts])]
     loads, mine = [0] * world, [[] for _ in range(world)]
     for unit in units:
         r = int(np.argmin(loads))
@@ -38,9 +38,9 @@ def epoch_plan(counts: dict[int, int], epoch: int, seed: int, rank: int, world: 
     per_rank = sum(counts.values()) // world
     plan, taken = [], 0
     while taken < per_rank and mine[rank]:
-        for shard, positions in mine[rank]:
+        for unit, positions in mine[rank]:
             take = positions[: per_rank - taken]
-            plan.append((shard, take))
+            plan.append((unit, take))
             taken += len(take)
             if taken == per_rank:
                 break
@@ -54,11 +54,11 @@ def samples_per_rank(counts: dict[int, int], world: int) -> int:
 def skip(plan: list[tuple[int, np.ndarray]], n: int) -> list[tuple[int, np.ndarray]]:
     """The plan without its first `n` samples (resuming inside an epoch)."""
     out = []
-    for shard, positions in plan:
+    for unit, positions in plan:
         if n >= len(positions):
             n -= len(positions)
             continue
-        out.append((shard, positions[n:]))
+        out.append((unit, positions[n:]))
         n = 0
     return out
 
@@ -70,22 +70,26 @@ class PairReader:
     preprocess: Preprocess
     storage_options: dict | None = None
 
+    def __post_init__(self):
+        self.units = {u.id: u for u in self.manifest.units()}
+
+    def unit_counts(self) -> dict[int, int]:
+        return {u.id: u.count for u in self.units.values()}
+
     def pairs(self, plan: list[tuple[int, np.ndarray]], variant: int):
         """Yield (image (3, H, W), target (gh, gw, D)) float32 tensors in plan order."""
         dtype = self.store.spec.dtype
-        for shard, positions in plan:
-            rows = self.manifest.rows(shard)
-            samples = read_tar(self.manifest.tar_url(shard), self.storage_options)
-            if [s.key for s in samples] != [sample_key(i) for i in rows]:
-                raise PipelineError(f"shard {shard} does not match the manifest at {self.manifest.url}")
-            block = slice(rows.start, rows.stop)
+        for unit_id, positions in plan:
+            unit = self.units[unit_id]
+            block = slice(unit.start, unit.start + unit.count)
             stored = self.store.group["targets"][block, variant]
             scales = self.store.group["scales"][block, variant] if dtype == "int8" else None
             boxes = self.store.read_boxes(block, variant)
-            for p in positions:
-                img = decode_rgb(samples[p].image)
+            record = self.manifest.record(unit.shard, self.storage_options)
+            images = fetch_images(record, [unit.first + int(p) for p in positions], self.storage_options)
+            for p, data in zip(positions, images):
                 target = decode(stored[p], None if scales is None else scales[p], dtype)
-                yield self.preprocess(img, boxes[p]), torch.from_numpy(target)
+                yield self.preprocess(decode_rgb(data), boxes[p]), torch.from_numpy(target)
 
 
 def batches(pairs, batch_size: int):

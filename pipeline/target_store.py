@@ -5,12 +5,12 @@ Layout of `<cache_root>/<fingerprint>/` (readable with plain `zarr`, see README)
     scales    (rows, V, gh, gw)     float32, int8 stores only: target = targets * scales
     boxes     (rows, V, 4)          float32 crop box (left, top, right, bottom) in pixels of the
                                     shard's image: the student sees exactly this crop
-    complete/<shard>.json           written after a shard's rows: the shard is done
+    complete/<unit>.json            written after a unit's rows, with a digest of them: the unit is done
 
 Row `i` is global index `i` of the manifest. One Zarr shard of `targets` (and one chunk of
-`scales` and `boxes`) holds exactly one manifest shard, so exactly one writer ever touches
-an object, and a writer always writes its whole object (no read-modify-write), so a shard
-left half-written by a crash is simply overwritten when the shard is redone.
+`scales` and `boxes`) holds exactly one unit of the manifest (`unit_rows` rows), so exactly
+one writer ever touches an object, and a writer always writes its whole object (no
+read-modify-write): a unit left half-written by a crash is simply overwritten when redone.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class StoreSpec:
     variants: int
     crop: str
     corpus_id: str
-    capacity: int
+    unit_rows: int
     infill: str = "white"
 
     @property
@@ -66,12 +66,21 @@ class StoreSpec:
         return self.teacher["dim"]
 
 
+def unit_digest(parts: dict[str, np.ndarray]) -> str:
+    """sha256 over the arrays of one unit as stored (name order fixed)."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(parts[name]).tobytes())
+    return h.hexdigest()
+
+
 def store_spec(cfg, teacher, manifest) -> StoreSpec:
     """The spec a `Config` asks for, given its `TeacherSpec` and the corpus `Manifest`."""
     return StoreSpec(
         teacher=teacher.to_dict(), counts=cfg.tta.counts, shift_frac=cfg.tta.shift_frac, flip=cfg.tta.flip,
         seed=cfg.tta.seed, dtype=cfg.cache.dtype, variants=cfg.cache.variants, crop=cfg.cache.crop_mode,
-        corpus_id=manifest.corpus_id, capacity=manifest.capacity,
+        corpus_id=manifest.corpus_id, unit_rows=manifest.unit_rows,
     )
 
 
@@ -160,7 +169,7 @@ class TargetStore:
             store.grow(num_rows)
             return store
         group = zarr.open_group(store=url, mode="w", zarr_format=3, storage_options=store._zarr_options())
-        V, (gh, gw), D, cap = spec.variants, spec.grid, spec.dim, spec.capacity
+        V, (gh, gw), D, cap = spec.variants, spec.grid, spec.dim, spec.unit_rows
         compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
         group.create_array(
             "targets", shape=(num_rows, V, gh, gw, D), dtype=ENCODINGS[spec.dtype], chunks=(1, 1, gh, gw, D),
@@ -196,34 +205,35 @@ class TargetStore:
         self.__dict__.pop("group", None)
 
     # --- writing -------------------------------------------------------------------------
-    def write_shard(self, shard_id: int, features: torch.Tensor, boxes: np.ndarray) -> int:
-        """Write a shard's rows: features (n, V, gh, gw, D) float32, boxes (n, V, 4).
-        Rows past `n` inside the shard's slot are written as fill, so every object is written
-        whole. Returns the bytes of encoded targets before compression."""
-        cap = self.spec.capacity
-        start, n = shard_id * cap, features.shape[0]
+    def write_unit(self, unit, features: torch.Tensor, boxes: np.ndarray) -> dict:
+        """Write a unit's rows: features (n, V, gh, gw, D) float32, boxes (n, V, 4). The slot's
+        remaining rows are written as fill, so every object is written whole. Returns the
+        encoded size and a digest of what was written (recorded in the completion marker)."""
+        rows = self.spec.unit_rows
         stored, scales = encode(features, self.spec.dtype)
 
         def padded(a: np.ndarray) -> np.ndarray:
-            full = np.zeros((cap, *a.shape[1:]), dtype=a.dtype)
-            full[:n] = a
+            full = np.zeros((rows, *a.shape[1:]), dtype=a.dtype)
+            full[:len(a)] = a
             return full
 
-        self.group["targets"][start:start + cap] = padded(stored)
+        block = slice(unit.start, unit.start + rows)
+        parts = {"targets": padded(stored), "boxes": padded(boxes.astype(np.float32))}
         if scales is not None:
-            self.group["scales"][start:start + cap] = padded(scales)
-        self.group["boxes"][start:start + cap] = padded(boxes.astype(np.float32))
-        return stored.nbytes
+            parts["scales"] = padded(scales)
+        for name, data in parts.items():
+            self.group[name][block] = data
+        return {"raw_bytes": stored.nbytes, "digest": unit_digest(parts)}
 
-    def mark_complete(self, shard_id: int, info: dict) -> None:
-        write_json(join_url(self.url, "complete", f"{shard_id:05d}.json"), {"shard": shard_id, **info}, self.storage_options)
+    def mark_complete(self, unit_id: int, info: dict) -> None:
+        write_json(self.marker_url(unit_id), {"unit": unit_id, **info}, self.storage_options)
+
+    def marker_url(self, unit_id: int) -> str:
+        return join_url(self.url, "complete", f"{unit_id:08d}.json")
 
     def completed(self) -> set[int]:
         names = list_names(join_url(self.url, "complete"), self.storage_options)
         return {int(n.split(".")[0]) for n in names if n.endswith(".json")}
-
-    def completion(self, shard_id: int) -> dict:
-        return read_json(join_url(self.url, "complete", f"{shard_id:05d}.json"), self.storage_options)
 
     # --- reading -------------------------------------------------------------------------
     def read(self, rows: slice | np.ndarray, variant: int) -> np.ndarray:
@@ -273,8 +283,9 @@ def find_store(cfg, manifest) -> TargetStore:
     if store.spec.corpus_id != manifest.corpus_id:
         raise ConfigError(f"store {store.url} was built from corpus {store.spec.corpus_id}, "
                           f"but {manifest.url} holds corpus {manifest.corpus_id}")
-    missing = sorted(set(manifest.counts) - store.completed())
+    units = [u.id for u in manifest.units()]
+    missing = sorted(set(units) - store.completed())
     if missing:
-        raise ConfigError(f"store {store.url} is incomplete: {len(missing)} of {len(manifest.counts)} shards "
+        raise ConfigError(f"store {store.url} is incomplete: {len(missing)} of {len(units)} units "
                           f"have no targets (first: {missing[:5]}); run the teacher-cache stage to finish it")
     return store

@@ -1,9 +1,9 @@
-"""Compute and store the denoised targets of whole shards (the teacher-cache work unit).
+"""Compute and store the denoised targets of one unit (the teacher-cache work unit).
 
-One `TeacherTargets` holds a loaded teacher. For a shard it reads the tar, prepares every
-(image, variant) with its crop box and views in a background thread, runs all views of
-`batch_images` images in one forward, recovers the targets, writes the shard's rows and
-only then marks the shard complete.
+One `TeacherTargets` holds a loaded teacher. For a unit it reads the images (one ranged
+read), prepares every (image, variant) with its crop box and views in a background thread,
+runs all views of `batch_images` images in one forward, recovers the targets, writes the
+unit's rows and only then marks the unit complete.
 """
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.images import Preprocess, crop_box, decode_rgb
-from pipeline.manifest import Manifest, sample_key
+from pipeline.manifest import Manifest, Unit
 from pipeline.models import load_teacher, patch_features
 from pipeline.prefetch import prefetch
-from pipeline.shards import read_tar
+from pipeline.shards import fetch_images
 from pipeline.target_store import StoreSpec, TargetStore
 from pipeline.tta import denoise, max_shifts, sample_views, view_rng
 
 
 @dataclass
 class Item:
-    row: int  # position within the shard
+    row: int  # position within the unit
     variant: int
     image: torch.Tensor  # (3, H, W) normalised
     box: tuple[float, float, float, float]
@@ -43,17 +43,10 @@ def prepare(img, index: int, variant: int, spec: StoreSpec, preprocess: Preproce
     return Item(row, variant, preprocess(img, box), box, offsets, flips)
 
 
-def shard_items(manifest: Manifest, shard_id: int, spec: StoreSpec, preprocess: Preprocess, storage_options=None):
-    samples = read_tar(manifest.tar_url(shard_id), storage_options)
-    rows = manifest.rows(shard_id)
-    keys = [s.key for s in samples]
-    if keys != [sample_key(i) for i in rows]:
-        raise PipelineError(
-            f"shard {shard_id} of {manifest.url} holds {len(keys)} samples that do not match the manifest's "
-            f"{len(rows)} indices {rows.start}..{rows.stop - 1}: the shards changed after the manifest was written"
-        )
-    for row, (index, sample) in enumerate(zip(rows, samples)):
-        img = decode_rgb(sample.image)
+def unit_items(manifest: Manifest, unit: Unit, spec: StoreSpec, preprocess: Preprocess, storage_options=None):
+    images = fetch_images(manifest.record(unit.shard, storage_options), unit.positions, storage_options)
+    for row, (index, data) in enumerate(zip(unit.rows, images)):
+        img = decode_rgb(data)
         for variant in range(spec.variants):
             yield prepare(img, index, variant, spec, preprocess, row)
 
@@ -94,14 +87,13 @@ class TeacherTargets:
         flips = np.stack([it.flips for it in batch])
         return denoise(self.features, images, offsets, flips, self.patch, self.fill).cpu()
 
-    def compute_shard(self, shard_id: int) -> dict:
-        """Compute, write and mark complete one shard. Returns its statistics."""
+    def compute_unit(self, unit: Unit) -> dict:
+        """Compute, write and mark complete one unit. Returns its statistics."""
         t0 = time.perf_counter()
-        n = self.manifest.counts[shard_id]
         V, (gh, gw), D = self.spec.variants, self.spec.grid, self.spec.dim
-        out = torch.zeros(n, V, gh, gw, D)
-        boxes = np.zeros((n, V, 4), dtype=np.float32)
-        items = shard_items(self.manifest, shard_id, self.spec, self.preprocess, self.storage_options)
+        out = torch.zeros(unit.count, V, gh, gw, D)
+        boxes = np.zeros((unit.count, V, 4), dtype=np.float32)
+        items = unit_items(self.manifest, unit, self.spec, self.preprocess, self.storage_options)
         compute = 0.0
         for batch in prefetch(batched(items, self.batch_images), self.prefetch_batches):
             tc = time.perf_counter()
@@ -111,11 +103,10 @@ class TeacherTargets:
                 out[it.row, it.variant] = target
                 boxes[it.row, it.variant] = it.box
         if not torch.isfinite(out).all():
-            raise PipelineError(f"shard {shard_id}: the teacher produced NaN or Inf features")
+            raise PipelineError(f"unit {unit.id}: the teacher produced NaN or Inf features")
         tw = time.perf_counter()
-        raw_bytes = self.store.write_shard(shard_id, out, boxes)
-        write = time.perf_counter() - tw
-        stats = {"images": n, "variants": V, "seconds": round(time.perf_counter() - t0, 3),
-                 "compute_seconds": round(compute, 3), "write_seconds": round(write, 3), "raw_bytes": raw_bytes}
-        self.store.mark_complete(shard_id, stats)
-        return {"shard": shard_id, **stats}
+        written = self.store.write_unit(unit, out, boxes)
+        stats = {"images": unit.count, "variants": V, "seconds": round(time.perf_counter() - t0, 3),
+                 "compute_seconds": round(compute, 3), "write_seconds": round(time.perf_counter() - tw, 3), **written}
+        self.store.mark_complete(unit.id, stats)
+        return {"unit": unit.id, **stats}

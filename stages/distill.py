@@ -154,9 +154,10 @@ def train_loop(config: dict) -> None:
             step = checkpoint.load_training_state(folder, student, optimizer)["step"]
     model = ray.train.torch.prepare_model(PatchFeatures(student))
 
-    steps_per_epoch = samples_per_rank(manifest.counts, world) // d.batch_size
-    total = steps_per_epoch * d.epochs
     reader = PairReader(manifest, store, Preprocess.from_dict(store.spec.teacher["preprocess"]), so)
+    counts = reader.unit_counts()
+    steps_per_epoch = samples_per_rank(counts, world) // d.batch_size
+    total = steps_per_epoch * d.epochs
     log = MetricsLog(join_url(config["run"], "metrics.csv"), so, step) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     if rank == 0 and step:
@@ -165,7 +166,7 @@ def train_loop(config: dict) -> None:
     sums, steps_in_window, window_start, wait = [0.0, 0.0, 0.0], 0, time.perf_counter(), 0.0
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        plan = skip(epoch_plan(manifest.counts, epoch, d.seed, rank, world), done_in_epoch * d.batch_size)
+        plan = skip(epoch_plan(counts, epoch, d.seed, rank, world), done_in_epoch * d.batch_size)
         stream = prefetch(batches(reader.pairs(plan, epoch % store.spec.variants), d.batch_size), depth=2)
         while True:
             t_wait = time.perf_counter()

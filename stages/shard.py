@@ -1,30 +1,39 @@
-"""Shard stage: images (folder, fsspec glob, sample corpus) -> WebDataset shards + manifest.
+"""Shard stage: images (folder, fsspec glob, sample corpus) or existing WebDataset tars ->
+shards + per-shard records + manifest.
 
-One Ray task per shard. A finished shard (its stats file exists, built from the same
-inputs) is reused on a rerun. The manifest is written last, atomically, and only when the
-reject fraction is acceptable, so later stages never trust a half-built or garbage corpus.
+One Ray task per shard. A shard whose record exists (built from the same inputs) is reused
+on a rerun. The manifest is written last, atomically, and only when the reject fraction is
+acceptable, so later stages never trust a half-built or garbage corpus. `shard.mode`:
+incremental (default) resumes the same plan; extend keeps existing shards and adds new
+inputs as new shards (new global indices); overwrite starts over.
 """
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import ray
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.ingest import build_shard, corpus_id, digest, list_inputs, preprocessing, stats_url
-from pipeline.manifest import Manifest
+from pipeline.ingest import (
+    build_shard, corpus_id, digest, index_external_tar, input_kind, list_inputs, plan_shards, preprocessing,
+    record_url, resume_state,
+)
+from pipeline.manifest import Manifest, unit_rows_for
 from pipeline.sample_corpus import write_sample_corpus
-from pipeline.storage import exists, join_url, read_json, write_bytes_atomic, write_json
+from pipeline.storage import exists, join_url, list_names, read_json_many, url_to_fs, write_bytes_atomic, write_json
 from stages.runtime import init_ray, progress, say
 
 SAMPLE = "sample:photos"
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def _build(shard_id, inputs, shard_cfg, out_url, storage_options):
-    return build_shard(shard_id, inputs, shard_cfg, out_url, storage_options)
+def _build(shard_id, inputs, kind, shard_cfg, capacity, out_url, storage_options):
+    if kind == "tars":
+        return index_external_tar(shard_id, inputs[0], shard_cfg, out_url, storage_options)
+    return build_shard(shard_id, inputs, shard_cfg, capacity, out_url, storage_options)
 
 
 def resolve_sources(cfg: Config) -> list[str]:
@@ -36,64 +45,111 @@ def resolve_sources(cfg: Config) -> list[str]:
     return sources
 
 
+def finished_records(out: str, shard_ids, storage_options) -> dict[int, dict]:
+    """Records of the planned shards that are done: one listing, then one batch of reads."""
+    present = set(list_names(out, storage_options))
+    urls = {s: record_url(out, s) for s in shard_ids if record_url(out, s).rsplit("/", 1)[-1] in present}
+    loaded = read_json_many(list(urls.values()), storage_options)
+    return {s: loaded[u] for s, u in urls.items()}
+
+
+def make_plan(cfg: Config, inputs: list[str], kind: str) -> tuple[dict[int, list[str]], int, dict[int, dict]]:
+    """(plan: shard id -> inputs, capacity, finished records) for this run's mode."""
+    so, out = cfg.storage.storage_options, cfg.shards_url
+    per_shard = 1 if kind == "tars" else cfg.shard.shard_size
+    previous = Manifest.load(out, so) if exists(join_url(out, "manifest.json"), so) else None
+    if cfg.shard.mode == "extend" and previous:
+        kept = finished_records(out, previous.shard_ids, so)
+        known = {i for r in kept.values() for i in r["inputs"]}
+        fresh = [i for i in inputs if i not in known]
+        plan = {s: r["inputs"] for s, r in kept.items()}
+        plan.update(plan_shards(fresh, per_shard, first_id=max(previous.shard_ids, default=-1) + 1))
+        return plan, previous.capacity, kept
+    plan = plan_shards(inputs, per_shard)
+    done = finished_records(out, plan, so)
+    resume_state(plan, {s: r["inputs_digest"] for s, r in done.items()})
+    capacity = previous.capacity if previous else cfg.shard.shard_size
+    return plan, capacity, done
+
+
 def run(cfg: Config) -> Manifest:
-    so, out, size = cfg.storage.storage_options, cfg.shards_url, cfg.shard.shard_size
+    so, out = cfg.storage.storage_options, cfg.shards_url
+    if cfg.shard.mode == "overwrite" and exists(out, so):
+        fs, path = url_to_fs(out, so)
+        fs.rm(path, recursive=True)
     inputs = list_inputs(resolve_sources(cfg), so)
     if not inputs:
         raise PipelineError(f"no input images found in {cfg.shard.input}")
-    plan = {i: inputs[start:start + size] for i, start in enumerate(range(0, len(inputs), size))}
+    kind = input_kind(inputs)
+    plan, capacity, records = make_plan(cfg, inputs, kind)
+    todo = [s for s in plan if s not in records]
+    say(f"shard: {len(inputs)} input {kind} -> {len(plan)} shards in {out} "
+        f"({len(plan) - len(todo)} already done, mode {cfg.shard.mode})")
 
-    stats, todo = {}, []
-    for shard_id, shard_inputs in plan.items():
-        url = stats_url(out, shard_id)
-        if exists(url, so):
-            previous = read_json(url, so)
-            if previous["inputs_digest"] != digest(shard_inputs):
-                raise PipelineError(
-                    f"shard {shard_id} in {out} was built from other inputs than this run would give it; "
-                    f"write to a new shard folder (shard.output) or restore the original inputs"
-                )
-            stats[shard_id] = previous
-        else:
-            todo.append(shard_id)
-    say(f"shard: {len(inputs)} inputs -> {len(plan)} shards of {size} in {out} ({len(plan) - len(todo)} already done)")
-
+    t0 = time.perf_counter()
     if todo:
         init_ray()
-        pending = {_build.remote(s, plan[s], cfg.shard, out, so): s for s in todo}
+        pending = {_build.remote(s, plan[s], kind, cfg.shard, capacity, out, so): s for s in todo}
         bar = progress(len(todo), "shard", "shard")
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            result = ray.get(done[0])
-            stats[pending.pop(done[0])] = result
+            records[pending.pop(done[0])] = ray.get(done[0])
             bar.update(1)
-            bar.set_postfix(rejected=sum(len(s["rejects"]) for s in stats.values()))
+            bar.set_postfix(images=sum(r["count"] for r in records.values()),
+                            rejected=sum(len(r["rejects"]) for r in records.values()))
         bar.close()
+    elapsed = time.perf_counter() - t0
 
-    rejects = [r for s in sorted(stats) for r in stats[s]["rejects"]]
+    if kind == "tars":
+        largest = max(r["count"] for r in records.values())
+        if largest > capacity:
+            if records.keys() != set(todo):  # an existing manifest fixed the capacity
+                raise PipelineError(f"a new tar holds {largest} images, more than the corpus's shard capacity {capacity}")
+            capacity = -(-largest // cfg.shard.unit_rows) * cfg.shard.unit_rows
+    totals = report(cfg, records, elapsed)
+    first = min(plan)
+    manifest = Manifest(
+        out, corpus_id(cfg.shard, kind, capacity, plan[first]), capacity, unit_rows_for(capacity, cfg.shard.unit_rows),
+        {s: r["count"] for s, r in sorted(records.items())}, {s: r["inputs_digest"] for s, r in records.items()},
+        preprocessing(cfg.shard, kind),
+    )
+    manifest.save(so)
+    say(f"shard: {totals['accepted']} images in {len(records)} shards, {totals['rejected']} rejected "
+        f"{totals['rejects_by_reason'] or ''}, {totals['duplicate_copies']} duplicate copies -> {join_url(out, 'manifest.json')}")
+    return manifest
+
+
+def report(cfg: Config, records: dict[int, dict], elapsed: float) -> dict:
+    """Write rejects.jsonl, duplicates.jsonl and stats.json; stop when too much was rejected."""
+    so, out = cfg.storage.storage_options, cfg.shards_url
+    rejects = [r for s in sorted(records) for r in records[s]["rejects"]]
+    by_hash: dict[str, list[str]] = {}
+    for s in sorted(records):
+        for source, sha in zip(records[s]["sources"], records[s]["sha256"]):
+            by_hash.setdefault(sha, []).append(source)
+    duplicates = [{"sha256": h, "sources": v} for h, v in by_hash.items() if len(v) > 1]
+    accepted = sum(r["count"] for r in records.values())
+    seen = accepted + len(rejects)
     totals = {
-        "inputs": len(inputs),
-        "accepted": sum(s["count"] for s in stats.values()),
+        "inputs": seen,
+        "accepted": accepted,
         "rejected": len(rejects),
         "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
-        "shards": len(plan),
-        "bytes_in": sum(s["bytes_in"] for s in stats.values()),
-        "bytes_out": sum(s["bytes_out"] for s in stats.values()),
+        "duplicate_copies": sum(len(d["sources"]) - 1 for d in duplicates),
+        "shards": len(records),
+        "bytes_in": sum(r["bytes_in"] for r in records.values()),
+        "bytes_out": sum(r["bytes_out"] for r in records.values()),
+        "seconds": round(elapsed, 3),
+        "shard_seconds": round(sum(r["seconds"] for r in records.values()), 3),
     }
     write_bytes_atomic(join_url(out, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects).encode(), so)
+    write_bytes_atomic(join_url(out, "duplicates.jsonl"), "".join(json.dumps(d) + "\n" for d in duplicates).encode(), so)
     write_json(join_url(out, "stats.json"), totals, so)
-    fraction = len(rejects) / len(inputs)
+    fraction = len(rejects) / max(seen, 1)
     if fraction > cfg.shard.max_reject_fraction:
         raise PipelineError(
-            f"{len(rejects)} of {len(inputs)} inputs ({fraction:.0%}) were rejected, more than "
+            f"{len(rejects)} of {seen} inputs ({fraction:.0%}) were rejected, more than "
             f"shard.max_reject_fraction={cfg.shard.max_reject_fraction:.0%}; reasons: {totals['rejects_by_reason']}. "
             f"See {join_url(out, 'rejects.jsonl')}. No manifest was written."
         )
-    manifest = Manifest(
-        out, corpus_id(cfg.shard, plan[0]), size,
-        {s: stats[s]["count"] for s in sorted(stats) if stats[s]["count"]}, preprocessing(cfg.shard),
-    )
-    manifest.save(so)
-    say(f"shard: {totals['accepted']} images in {len(manifest.counts)} shards, {len(rejects)} rejected "
-        f"{totals['rejects_by_reason'] or ''} -> {join_url(out, 'manifest.json')}")
-    return manifest
+    return totals

@@ -1,8 +1,9 @@
 """Teacher-cache stage: shards -> denoised teacher targets in a Zarr v3 store.
 
-A pool of Ray actors loads the teacher once each and takes whole shards. The driver only
-plans: it creates (or reopens) the store named by the config's fingerprint, grows it to the
-manifest, and hands out the shards not yet marked complete. A rerun therefore resumes.
+A pool of Ray actors loads the teacher once each and takes units (a shard, or a block of
+a large shard). The driver only plans: it creates (or reopens) the store named by the
+config's fingerprint, grows it to the manifest, and hands out the units not yet marked
+complete. A rerun therefore resumes, and a grown corpus only computes its new units.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ class CacheActor:
             device="cuda" if use_gpu else "cpu", storage_options=cfg.storage.storage_options,
         )
 
-    def compute(self, shard_id: int) -> dict:
-        return self.targets.compute_shard(shard_id)
+    def compute(self, unit) -> dict:
+        return self.targets.compute_unit(unit)
 
 
 def open_store(cfg: Config, manifest: Manifest) -> TargetStore:
@@ -45,10 +46,11 @@ def run(cfg: Config) -> TargetStore:
     manifest = Manifest.load(cfg.cache_shards_url, so)
     store = open_store(cfg, manifest)
     done = store.completed()
-    todo = [s for s in manifest.shard_ids if s not in done]
+    units = manifest.units()
+    todo = [u for u in units if u.id not in done]
     say(f"teacher-cache: {cfg.teacher.model} -> {store.url}\n"
-        f"  {manifest.num_images} images in {len(manifest.counts)} shards, {len(todo)} to compute "
-        f"({len(manifest.counts) - len(todo)} already complete), {cfg.tta.counts} views, {cfg.cache.variants} variant(s), {cfg.cache.dtype}")
+        f"  {manifest.num_images} images in {len(units)} units, {len(todo)} to compute "
+        f"({len(units) - len(todo)} already complete), {cfg.tta.counts} views, {cfg.cache.variants} variant(s), {cfg.cache.dtype}")
     if not todo:
         return store
 
@@ -63,10 +65,10 @@ def run(cfg: Config) -> TargetStore:
     actors = [CacheActor.options(**options).remote(cfg, store, manifest) for _ in range(n)]
     pool = ActorPool(actors)
 
-    images = sum(manifest.counts[s] for s in todo)
+    images = sum(u.count for u in todo)
     bar = progress(images, "teacher-cache", "img")
     t0 = time.perf_counter()
-    for stats in pool.map_unordered(lambda actor, shard: actor.compute.remote(shard), todo):
+    for stats in pool.map_unordered(lambda actor, unit: actor.compute.remote(unit), todo):
         bar.update(stats["images"])
     bar.close()
     elapsed = time.perf_counter() - t0

@@ -7,13 +7,14 @@ import torch
 import zarr
 
 from pipeline.errors import ConfigError
+from pipeline.manifest import Unit
 from pipeline.target_store import StoreSpec, TargetStore, decode, describe_differences, encode
 
 TEACHER = {"model": "m", "weights": "w", "img_size": [32, 32], "patch": [16, 16], "grid": [2, 2], "dim": 8,
            "num_prefix_tokens": 1, "preprocess": {"size": [32, 32], "interpolation": "bicubic",
                                                   "mean": [0.5] * 3, "std": [0.5] * 3}}
 SPEC = StoreSpec(teacher=TEACHER, counts=4, shift_frac=0.15, flip=True, seed=0, dtype="float16", variants=2,
-                 crop="random", corpus_id="c", capacity=3)
+                 crop="random", corpus_id="c", unit_rows=3)
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 0), ("float16", 1e-3), ("bfloat16", 8e-3), ("int8", 1e-2)])
@@ -40,17 +41,17 @@ def test_fingerprint_changes_with_anything_that_changes_a_target():
 
 def test_write_read_and_plain_zarr_layout(tmp_path):
     store = TargetStore.create_or_open(str(tmp_path), SPEC, "manifest-url", num_rows=6)
-    feats = torch.randn(2, 2, 2, 2, 8)  # shard 1 holds 2 of its 3 rows
+    feats = torch.randn(2, 2, 2, 2, 8)  # unit 1 holds 2 of its 3 rows
     boxes = np.arange(16, dtype=np.float32).reshape(2, 2, 4)
-    store.write_shard(1, feats, boxes)
-    store.mark_complete(1, {"images": 2})
+    written = store.write_unit(Unit(1, 1, 0, 2, 3), feats, boxes)
+    store.mark_complete(1, {"images": 2, **written})
     assert store.completed() == {1}
     assert np.allclose(store.read(slice(3, 5), 1), feats[:, 1].numpy(), atol=1e-2)
 
     group = zarr.open_group(str(tmp_path / SPEC.fingerprint), mode="r")
     targets = group["targets"]
     assert targets.shape == (6, 2, 2, 2, 8) and targets.dtype == np.float16
-    assert targets.shards == (3, 2, 2, 2, 8)  # one Zarr shard per manifest shard
+    assert targets.shards == (3, 2, 2, 2, 8)  # one Zarr shard per unit
     assert np.array_equal(group["boxes"][3:5], boxes)
     assert group.attrs["phreg"]["spec"]["counts"] == 4
     assert not group["targets"][5].any()  # the unused slot of the shard stays empty
@@ -58,7 +59,7 @@ def test_write_read_and_plain_zarr_layout(tmp_path):
 
 def test_reopening_grows_and_keeps_data(tmp_path):
     store = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3)
-    store.write_shard(0, torch.ones(3, 2, 2, 2, 8), np.zeros((3, 2, 4)))
+    store.write_unit(Unit(0, 0, 0, 3, 0), torch.ones(3, 2, 2, 2, 8), np.zeros((3, 2, 4)))
     grown = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=9)
     assert grown.group["targets"].shape[0] == 9
     assert np.all(grown.read(slice(0, 3), 0) == 1.0)
