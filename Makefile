@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 CONFIG_FLAGS := $(foreach c,$(CONFIG),--config $(c))
 
-.PHONY: setup demo shard teacher-cache distill export evaluate test bench clean
+.PHONY: setup demo shard teacher-cache distill export evaluate verify list test bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m stages demo $(CONFIG_FLAGS) $(ARGS)
 
-shard teacher-cache distill export evaluate: setup
+shard teacher-cache distill export evaluate verify list: setup
 	$(PY) -m stages $@ $(CONFIG_FLAGS) $(ARGS)
 
 test: setup

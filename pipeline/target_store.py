@@ -1,11 +1,13 @@
 """The target store: denoised teacher features in a Zarr v3 group, one group per fingerprint.
 
 Layout of `<cache_root>/<fingerprint>/` (readable with plain `zarr`, see README):
-    targets   (rows, V, gh, gw, D)  float16 | float32 | uint16 (bfloat16 bits) | int8
-    scales    (rows, V, gh, gw)     float32, int8 stores only: target = targets * scales
-    boxes     (rows, V, 4)          float32 crop box (left, top, right, bottom) in pixels of the
-                                    shard's image: the student sees exactly this crop
-    complete/<unit>.json            written after a unit's rows, with a digest of them: the unit is done
+      targets   (rows, V, gh, gw, D)  float16 | float32 | uint16 (bfloat16 bits) | int8
+      scales    (rows, V, gh, gw)     float32, int8 stores only: target = targets * scales
+      boxes     (rows, V, 4)          float32 crop box (left, top, right, bottom) in pixels of
+                                      the shard's image: the student sees exactly this crop
+    complete/<unit>.json            written after a unit's rows, with a digest of them: the unit
+                                    is done. Outside the group, where zarr and xarray would
+                                    take these files for broken members of the hierarchy.
 
 Row `i` is global index `i` of the manifest. One Zarr shard of `targets` (and one chunk of
 `scales` and `boxes`) holds exactly one unit of the manifest (`unit_rows` rows), so exactly
@@ -27,7 +29,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import describe_teacher
 from pipeline.storage import exists, join_url, list_names, read_json, write_json
 
-FORMAT = "phreg-targets/1"
+FORMAT = "phreg-targets/2"
 ENCODINGS = {
     "float32": "float32",
     "float16": "float16",
@@ -135,10 +137,14 @@ class TargetStore:
         self.__init__(state["url"], state["storage_options"])
 
     # --- opening -------------------------------------------------------------------------
+    @property
+    def zarr_url(self) -> str:
+        return join_url(self.url, "targets.zarr")
+
     @cached_property
     def group(self) -> zarr.Group:
         try:
-            return zarr.open_group(store=self.url, mode="r+", storage_options=self._zarr_options())
+            return zarr.open_group(store=self.zarr_url, mode="r+", storage_options=self._zarr_options())
         except FileNotFoundError:
             raise PipelineError(f"no target store at {self.url}") from None
 
@@ -161,14 +167,14 @@ class TargetStore:
         """The store for `spec` under `root`, created if needed, grown to `num_rows` rows."""
         url = join_url(root, spec.fingerprint)
         store = cls(url, storage_options)
-        if exists(join_url(url, "zarr.json"), storage_options):
+        if exists(join_url(store.zarr_url, "zarr.json"), storage_options):
             have = store.attrs["spec"]
             if have != asdict(spec):  # a hash collision or a hand-edited store
                 diff = describe_differences(have, asdict(spec), "store", "config")
                 raise ConfigError(f"store {url} does not hold what its name says:\n  " + "\n  ".join(diff))
             store.grow(num_rows)
             return store
-        group = zarr.open_group(store=url, mode="w", zarr_format=3, storage_options=store._zarr_options())
+        group = zarr.open_group(store=store.zarr_url, mode="w", zarr_format=3, storage_options=store._zarr_options())
         V, (gh, gw), D, cap = spec.variants, spec.grid, spec.dim, spec.unit_rows
         compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
         group.create_array(
@@ -231,6 +237,9 @@ class TargetStore:
     def marker_url(self, unit_id: int) -> str:
         return join_url(self.url, "complete", f"{unit_id:08d}.json")
 
+    def marker(self, unit_id: int) -> dict:
+        return read_json(self.marker_url(unit_id), self.storage_options)
+
     def completed(self) -> set[int]:
         names = list_names(join_url(self.url, "complete"), self.storage_options)
         return {int(n.split(".")[0]) for n in names if n.endswith(".json")}
@@ -249,9 +258,8 @@ class TargetStore:
 def list_stores(root: str, storage_options=None) -> list[TargetStore]:
     stores = []
     for name in list_names(root, storage_options):
-        url = join_url(root, name)
-        if exists(join_url(url, "zarr.json"), storage_options):
-            store = TargetStore(url, storage_options)
+        store = TargetStore(join_url(root, name), storage_options)
+        if exists(join_url(store.zarr_url, "zarr.json"), storage_options):
             try:
                 store.attrs
             except PipelineError:
@@ -261,7 +269,18 @@ def list_stores(root: str, storage_options=None) -> list[TargetStore]:
 
 
 def find_store(cfg, manifest) -> TargetStore:
-    """The store this config trains from, refusing any mismatch with a precise message."""
+    """The complete store this config trains from, refusing any mismatch with a precise message."""
+    store = locate_store(cfg, manifest)
+    units = [u.id for u in manifest.units()]
+    missing = sorted(set(units) - store.completed())
+    if missing:
+        raise ConfigError(f"store {store.url} is incomplete: {len(missing)} of {len(units)} units "
+                          f"have no targets (first: {missing[:5]}); run the teacher-cache stage to finish it")
+    return store
+
+
+def locate_store(cfg, manifest) -> TargetStore:
+    """The store matching this config and manifest (`distill.store`, or found by fingerprint)."""
     so = cfg.storage.storage_options
     teacher = describe_teacher(cfg.teacher, so)
     if cfg.distill.store:
@@ -283,9 +302,4 @@ def find_store(cfg, manifest) -> TargetStore:
     if store.spec.corpus_id != manifest.corpus_id:
         raise ConfigError(f"store {store.url} was built from corpus {store.spec.corpus_id}, "
                           f"but {manifest.url} holds corpus {manifest.corpus_id}")
-    units = [u.id for u in manifest.units()]
-    missing = sorted(set(units) - store.completed())
-    if missing:
-        raise ConfigError(f"store {store.url} is incomplete: {len(missing)} of {len(units)} units "
-                          f"have no targets (first: {missing[:5]}); run the teacher-cache stage to finish it")
     return store

@@ -6,6 +6,7 @@ with their meaning and default). Values are YAML: `--student.unlock '[pos_embed]
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import yaml
@@ -21,6 +22,9 @@ COMMANDS = {
     "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export"]),
     "evaluate": ("Teacher vs targets vs student: norms, outliers, PCA pictures.",
                  ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate"]),
+    "verify": ("Check a target store against its manifest; exit non-zero on any problem.",
+               ["storage", "shard", "teacher", "tta", "cache", "distill"]),
+    "list": ("List the target stores under the cache root with their settings and completeness.", ["storage", "cache"]),
     "demo": ("shard -> teacher-cache -> distill -> export -> evaluate.", list(Config.model_fields)),
 }
 
@@ -64,14 +68,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def run(command: str, cfg: Config):
-    from stages import demo, distill, evaluate, export, shard, teacher_cache
+ENTRY_POINTS = {
+    "shard": "stages.shard:run",
+    "teacher-cache": "stages.teacher_cache:run",
+    "distill": "stages.distill:run",
+    "export": "stages.export:run",
+    "evaluate": "stages.evaluate:run",
+    "verify": "stages.caches:verify",
+    "list": "stages.caches:list_caches",
+    "demo": "stages.demo:run",
+}
 
-    return {
-        "shard": shard.run,
-        "teacher-cache": teacher_cache.run,
-        "distill": distill.run,
-        "export": export.run,
-        "evaluate": evaluate.run,
-        "demo": demo.run,
-    }[command](cfg)
+
+def run(command: str, cfg: Config):
+    module, function = ENTRY_POINTS[command].split(":")
+    return getattr(importlib.import_module(module), function)(cfg)

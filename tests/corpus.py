@@ -61,3 +61,19 @@ def awkward_files() -> dict[str, tuple[bytes, str | None]]:
         "tiny.png": (encode(photo((8, 8)), "PNG"), "too_small"),
         "bomb.png": (png_bomb(), "too_many_pixels"),
     }
+
+
+def img2dataset_tar(path, images: dict[str, bytes]) -> None:
+    """A tar laid out as img2dataset writes it: {key}.jpg, {key}.txt, {key}.json per sample."""
+    import json
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, data in images.items():
+            for ext, payload in (("jpg", data), ("txt", f"caption of {key}".encode()),
+                                 ("json", json.dumps({"key": key, "url": f"http://example.com/{key}"}).encode())):
+                if ext == "jpg" and data is None:
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))

@@ -46,7 +46,7 @@ def check_outputs(cfg, manifest, store, export_url, report):
     assert json.loads(samples[0]["json"])["index"] == 0
 
     # the store, read with plain zarr only
-    group = zarr.open_group(store.url, mode="r", storage_options=so if "://" in store.url else None)
+    group = zarr.open_group(store.zarr_url, mode="r", storage_options=so if "://" in store.url else None)
     targets = group["targets"][:]
     assert targets.shape == (12, 1, 4, 4, 48) and targets.dtype == np.float16
     assert np.isfinite(targets).all() and all(np.abs(targets[i]).sum() > 0 for i in range(12))  # every row written
@@ -118,7 +118,7 @@ def test_targets_identical_across_runs_and_worker_counts(tmp_path, ray_local):
     shard.run(one)
     a, b = teacher_cache.run(one), teacher_cache.run(two)
     assert a.url.rsplit("/", 1)[1] == b.url.rsplit("/", 1)[1]  # same fingerprint
-    ta, tb = zarr.open_group(a.url, mode="r")["targets"][:], zarr.open_group(b.url, mode="r")["targets"][:]
+    ta, tb = zarr.open_group(a.zarr_url, mode="r")["targets"][:], zarr.open_group(b.zarr_url, mode="r")["targets"][:]
     assert np.array_equal(ta, tb)
     # and identical to a direct, single-process computation of one image
     from pipeline.teacher_targets import TeacherTargets, unit_items

@@ -48,7 +48,7 @@ def test_write_read_and_plain_zarr_layout(tmp_path):
     assert store.completed() == {1}
     assert np.allclose(store.read(slice(3, 5), 1), feats[:, 1].numpy(), atol=1e-2)
 
-    group = zarr.open_group(str(tmp_path / SPEC.fingerprint), mode="r")
+    group = zarr.open_group(str(tmp_path / SPEC.fingerprint / "targets.zarr"), mode="r")
     targets = group["targets"]
     assert targets.shape == (6, 2, 2, 2, 8) and targets.dtype == np.float16
     assert targets.shards == (3, 2, 2, 2, 8)  # one Zarr shard per unit
@@ -67,7 +67,7 @@ def test_reopening_grows_and_keeps_data(tmp_path):
 
 def test_a_store_whose_attributes_disagree_is_refused(tmp_path):
     store = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3)
-    group = zarr.open_group(store.url, mode="r+")
+    group = zarr.open_group(store.zarr_url, mode="r+")
     meta = dict(group.attrs["phreg"])
     meta["spec"] = {**meta["spec"], "counts": 99}
     group.attrs["phreg"] = meta

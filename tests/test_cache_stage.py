@@ -1,0 +1,189 @@
+"""Teacher-cache stage: verify, list, variants, storage types, and surviving kill -9."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import yaml
+import zarr
+
+from pipeline.errors import PipelineError
+from pipeline.manifest import Manifest
+from pipeline.pairs import PairReader
+from pipeline.images import Preprocess
+from stages import caches, shard, teacher_cache
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, ray_local):
+    root = str(tmp_path_factory.mktemp("corpus") / "run")
+    cfg = tiny_config(root)
+    shard.run(cfg)
+    return root
+
+
+def test_verify_passes_and_names_each_problem(corpus, tmp_path):
+    cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "cache")})
+    store = teacher_cache.run(cfg)
+    assert caches.verify(cfg) == []
+
+    # one unit's rows silently changed after they were written
+    targets = zarr.open_group(store.zarr_url, mode="r+")["targets"]
+    row = Manifest.load(cfg.shards_url).units()[1].start
+    targets[row] = np.full(targets.shape[1:], np.nan, dtype=targets.dtype)
+    os.remove(store.marker_url(2))
+    with pytest.raises(PipelineError) as info:
+        caches.verify(cfg)
+    message = str(info.value)
+    assert "unit 1 (shard 1, rows 4-7): stored data differ" in message
+    assert f"NaN or Inf in rows [{row}]" in message
+    assert "1 of 3 units have no completion marker (first: [2])" in message
+
+    # a rerun recomputes exactly what is missing, but not the tampered unit: verify keeps failing
+    teacher_cache.run(cfg)
+    with pytest.raises(PipelineError, match="unit 1 "):
+        caches.verify(cfg)
+
+
+def test_cli_verify_exits_non_zero(corpus, tmp_path):
+    cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "cache")})
+    teacher_cache.run(cfg)
+    args = [sys.executable, "-m", "stages", "verify", "--storage.run_root", corpus, "--cache.root", str(tmp_path / "cache"),
+            *_flags(cfg)]
+    ok = subprocess.run(args, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    store_url = os.path.join(str(tmp_path / "cache"), os.listdir(tmp_path / "cache")[0])
+    os.remove(os.path.join(store_url, "complete", "00000000.json"))
+    bad = subprocess.run(args, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no completion marker" in bad.stderr
+
+
+def test_list_shows_side_by_side_stores(corpus, tmp_path):
+    root = str(tmp_path / "cache")
+    a = tiny_config(corpus, **{"cache.root": root})
+    b = tiny_config(corpus, **{"cache.root": root, "tta.counts": 2, "cache.dtype": "int8"})
+    teacher_cache.run(a)
+    teacher_cache.run(b)
+    rows = {r["counts"]: r for r in caches.list_caches(a)}
+    assert set(rows) == {4, 2} and rows[2]["dtype"] == "int8"
+    assert all(r["units_done"] == r["units_total"] == 3 for r in rows.values())
+
+
+def test_storage_types_are_faithful(corpus, tmp_path):
+    stores = {}
+    for dtype in ("float32", "float16", "bfloat16", "int8"):
+        cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "c"), "cache.dtype": dtype})
+        stores[dtype] = teacher_cache.run(cfg)
+    reference = stores["float32"].read(slice(0, 12), 0)
+    for dtype, store in stores.items():
+        values = store.read(slice(0, 12), 0)
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(values), torch.from_numpy(reference), dim=-1)
+        assert cos.min() > 0.999, dtype
+    assert stores["int8"].group["targets"].dtype == np.int8
+
+
+def test_variants_have_their_own_crops_and_views(corpus, tmp_path):
+    cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "c"), "cache.variants": 2})
+    assert cfg.cache.crop_mode == "random"
+    store = teacher_cache.run(cfg)
+    boxes = store.group["boxes"][0:4]
+    assert boxes.shape == (4, 2, 4) and not np.array_equal(boxes[:, 0], boxes[:, 1])
+    manifest = Manifest.load(cfg.shards_url)
+    reader = PairReader(manifest, store, Preprocess.from_dict(store.spec.teacher["preprocess"]))
+    image0, target0 = next(reader.pairs([(0, np.array([0]))], variant=0))
+    image1, target1 = next(reader.pairs([(0, np.array([0]))], variant=1))
+    assert not torch.equal(image0, image1)  # the student sees the crop of the variant ...
+    assert np.array_equal(target1.numpy(), store.read(slice(0, 1), 1)[0])  # ... with that variant's target
+
+
+def test_xarray_reads_the_store(corpus, tmp_path):
+    xr = pytest.importorskip("xarray")
+    store = teacher_cache.run(tiny_config(corpus, **{"cache.root": str(tmp_path / "c")}))
+    ds = xr.open_zarr(store.zarr_url, zarr_format=3, consolidated=False)
+    assert ds["targets"].dims == ("row", "variant", "y", "x", "channel")
+    assert ds["targets"].shape == (12, 1, 4, 4, 48)
+
+
+def _flags(cfg) -> list[str]:
+    """The tiny teacher's settings as CLI flags (the subprocess must compute the same store)."""
+    return ["--teacher.model", cfg.teacher.model, "--teacher.img_size", str(cfg.teacher.img_size),
+            "--teacher.model_kwargs", yaml.safe_dump(cfg.teacher.model_kwargs, default_flow_style=True).strip(),
+            "--tta.counts", str(cfg.tta.counts), "--shard.sample_size", str(cfg.shard.sample_size),
+            "--shard.shard_size", str(cfg.shard.shard_size)]
+
+
+def _run_cli(config_path, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stages", "teacher-cache", "--config", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _markers(store_root) -> int:
+    folders = [os.path.join(store_root, d, "complete") for d in os.listdir(store_root)] if os.path.isdir(store_root) else []
+    return sum(len(os.listdir(f)) for f in folders if os.path.isdir(f))
+
+
+def _busy_actors(proc) -> list[psutil.Process]:
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        return [p for p in tree if "CacheActor.compute" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_path, ray_local):
+    # A heavier teacher (12 blocks at 224 px) so that the run is killed part-way.
+    settings = {"shard.sample_size": 16, "shard.shard_size": 2, "teacher.img_size": 224,
+                "teacher.model_kwargs": {}, "tta.counts": 6, "cache.batch_images": 1}
+    run = str(tmp_path / "run")
+    reference = tiny_config(run, **settings, **{"cache.root": str(tmp_path / "reference")})
+    shard.run(reference)
+    ref_store = teacher_cache.run(reference)
+    units = len(Manifest.load(reference.shards_url).units())
+
+    killed_root = str(tmp_path / "killed")
+    cfg = tiny_config(run, **settings, **{"cache.root": killed_root, "cache.num_actors": 2})
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+
+    # 1. kill -9 the driver (its local Ray dies with it) after the first unit is complete
+    proc = _run_cli(config_path, env)
+    _wait_for(lambda: _markers(killed_root) >= 1, proc)
+    tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(p.pid) if isinstance(p, subprocess.Popen) else p for p in tree], timeout=30)
+    partial = _markers(killed_root)
+    assert 1 <= partial < units
+
+    # 2. resume; kill -9 a teacher actor while it computes: Ray restarts it and retries its unit
+    proc = _run_cli(config_path, env)
+    _wait_for(lambda: bool(_busy_actors(proc)), proc)
+    _busy_actors(proc)[0].kill()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+    # the resumed store equals the uninterrupted one, and verifies
+    killed = zarr.open_group(os.path.join(killed_root, os.path.basename(ref_store.url), "targets.zarr"), mode="r")
+    reference_group = zarr.open_group(ref_store.zarr_url, mode="r")
+    for name in ("targets", "boxes"):
+        assert np.array_equal(killed[name][:], reference_group[name][:]), name
+    assert _markers(killed_root) == units
+    assert caches.verify(cfg) == []
