@@ -103,6 +103,10 @@ class CacheConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs each actor reserves (fractions allowed).")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads per actor on the CPU. Default: cpus_per_actor, at least 1.")
     prefetch: int = Field(2, ge=1, description="Batches decoded ahead of the model in each actor.")
+    units_per_task: int | None = Field(
+        None, ge=1, description="Units handed to an actor at once (its reader and writer overlap across them). "
+        "Default: about four tasks per actor, at most 16 units each."
+    )
     compression_level: int = Field(3, ge=1, le=22, description="zstd level of the stored targets.")
 
     @property

@@ -1,14 +1,18 @@
-"""Compute and store the denoised targets of one unit (the teacher-cache work unit).
+"""Compute and store the denoised targets of units (the teacher-cache work unit).
 
-One `TeacherTargets` holds a loaded teacher. For a unit it reads the images (one ranged
-read), prepares every (image, variant) with its crop box and views in a background thread,
-runs all views of `batch_images` images in one forward, recovers the targets, writes the
-unit's rows and only then marks the unit complete.
+One `TeacherTargets` holds a loaded teacher and keeps it busy across a list of units:
+- a reader thread fetches each unit's images (one ranged read), decodes them and prepares
+  every (image, variant) with its crop box and views, running ahead across unit boundaries;
+- the caller's thread runs all views of `batch_images` images in one forward and recovers
+  the targets;
+- a writer thread writes each finished unit's rows and only then marks the unit complete,
+  while the next unit is computed.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,26 +91,45 @@ class TeacherTargets:
         flips = np.stack([it.flips for it in batch])
         return denoise(self.features, images, offsets, flips, self.patch, self.fill).cpu()
 
-    def compute_unit(self, unit: Unit) -> dict:
-        """Compute, write and mark complete one unit. Returns its statistics."""
-        t0 = time.perf_counter()
+    def compute_units(self, units: list[Unit]) -> list[dict]:
+        """Compute, write and mark complete every unit not complete yet (a retried task skips
+        what it already finished). Returns the statistics of the units written."""
+        done = self.store.completed()
+        todo = [u for u in units if u.id not in done]
         V, (gh, gw), D = self.spec.variants, self.spec.grid, self.spec.dim
-        out = torch.zeros(unit.count, V, gh, gw, D)
-        boxes = np.zeros((unit.count, V, 4), dtype=np.float32)
-        items = unit_items(self.manifest, unit, self.spec, self.preprocess, self.storage_options)
-        compute = 0.0
-        for batch in prefetch(batched(items, self.batch_images), self.prefetch_batches):
-            tc = time.perf_counter()
-            result = self.targets(batch)
-            compute += time.perf_counter() - tc
-            for it, target in zip(batch, result):
-                out[it.row, it.variant] = target
-                boxes[it.row, it.variant] = it.box
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
+            pending, results = [], []
+            current, out, boxes, compute, started = None, None, None, 0.0, 0.0
+            for unit, batch in prefetch(self._batches(todo), self.prefetch_batches):
+                if unit is not current:
+                    current, compute, started = unit, 0.0, time.time()
+                    out = torch.zeros(unit.count, V, gh, gw, D)
+                    boxes = np.zeros((unit.count, V, 4), dtype=np.float32)
+                tc = time.perf_counter()
+                for it, target in zip(batch, self.targets(batch)):
+                    out[it.row, it.variant] = target
+                    boxes[it.row, it.variant] = it.box
+                compute += time.perf_counter() - tc
+                if batch[-1].row == unit.count - 1 and batch[-1].variant == V - 1:  # the unit's last batch
+                    if len(pending) >= 2:  # bound the memory of units waiting to be written
+                        results.append(pending.pop(0).result())
+                    pending.append(writer.submit(self._write, unit, out, boxes, compute, started))
+            results += [f.result() for f in pending]
+        return results
+
+    def _batches(self, units: list[Unit]):
+        """(unit, batch) in order; a batch never spans two units."""
+        for unit in units:
+            items = unit_items(self.manifest, unit, self.spec, self.preprocess, self.storage_options)
+            for batch in batched(items, self.batch_images):
+                yield unit, batch
+
+    def _write(self, unit: Unit, out: torch.Tensor, boxes: np.ndarray, compute: float, started: float) -> dict:
         if not torch.isfinite(out).all():
             raise PipelineError(f"unit {unit.id}: the teacher produced NaN or Inf features")
         tw = time.perf_counter()
         written = self.store.write_unit(unit, out, boxes)
-        stats = {"images": unit.count, "variants": V, "seconds": round(time.perf_counter() - t0, 3),
-                 "compute_seconds": round(compute, 3), "write_seconds": round(time.perf_counter() - tw, 3), **written}
+        stats = {"images": unit.count, "variants": self.spec.variants, "compute_seconds": round(compute, 3),
+                 "write_seconds": round(time.perf_counter() - tw, 3), **written}
         self.store.mark_complete(unit.id, stats)
-        return {"unit": unit.id, **stats}
+        return {"unit": unit.id, "started": started, "finished": time.time(), **stats}

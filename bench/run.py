@@ -1,0 +1,281 @@
+"""`make bench`: measure the pipeline on this machine and write bench/results.json.
+
+Every figure is measured here, in one run, and written with flat keys so that a script can
+compare runs. Variants are compared as ratios measured side by side (this machine is shared
+and noisy). BENCHMARKS.md summarises a run and names the command that produced it.
+
+    python -m bench.run                      # everything
+    python -m bench.run --only storage,planning
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(key, value)
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+
+RESULTS = Path(__file__).with_name("results.json")
+TINY_TEACHER = {"teacher.model": "vit_tiny_patch16_224", "teacher.img_size": 224}
+
+
+class S3:
+    """moto's S3 server on loopback, as the tests use it."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server._server.server_address
+        self.options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "skip_instance_cache": True}
+
+    def bucket(self, name: str) -> str:
+        import s3fs
+
+        s3fs.S3FileSystem(**self.options).mkdir(name)
+        return f"s3://{name}"
+
+
+@ray.remote(num_cpus=1)
+class ForwardActor:
+    """The teacher forward alone, on inputs shaped like the teacher-cache's batches."""
+
+    def __init__(self, teacher_cfg, threads: int):
+        from pipeline.models import load_teacher
+
+        torch.set_num_threads(threads)
+        self.model = load_teacher(teacher_cfg)
+        self.size = teacher_cfg.hw
+
+    def run(self, images: int, batch_images: int, counts: int) -> tuple[float, float]:
+        from pipeline.models import patch_features
+
+        x = torch.randn(batch_images * counts, 3, *self.size)
+        with torch.inference_mode():
+            patch_features(self.model, x)  # warm-up
+            start = time.time()
+            for _ in range(images // batch_images):
+                patch_features(self.model, x)
+        return start, time.time()
+
+
+def forward_bound(cfg, actors: int, images_each: int) -> float:
+    """images/s of the bare teacher forward at `counts` views per image, on `actors`
+    concurrent actors with the stage's threads: the bound the full stage is compared to."""
+    pool = [ForwardActor.remote(cfg.teacher, cfg.cache.threads_per_actor or 1) for _ in range(actors)]
+    spans = ray.get([a.run.remote(images_each, cfg.cache.batch_images, cfg.tta.counts) for a in pool])
+    for a in pool:
+        ray.kill(a)
+    return actors * images_each / (max(e for _, e in spans) - min(s for s, _ in spans))
+
+
+def teacher_cache(work: Path, s3: S3) -> dict:
+    """Full stage (decode -> TTA -> forward -> recover -> compress -> write) against the
+    forward-only bound, same model, same actors' resources, same run; local and S3 stores."""
+    from stages import shard, teacher_cache as stage
+
+    out = {}
+    shutil.rmtree(work / "tc", ignore_errors=True)
+    settings = {**TINY_TEACHER, "shard.sample_size": 48, "shard.shard_size": 8, "tta.counts": 10,
+                "cache.batch_images": 2, "cache.num_actors": 2, "cache.cpus_per_actor": 1, "cache.threads_per_actor": 1}
+    roots = {"local": str(work / "tc"), "s3": f"{s3.bucket('bench-tc')}/tc"}
+    bounds, rates = [], {}
+    for where, root in [("local", roots["local"]), ("s3", roots["s3"]), ("local2", roots["local"])]:
+        opts = s3.options if where == "s3" else {}
+        cfg = load_config([], {**settings, "storage.run_root": root, "storage.storage_options": opts,
+                               "cache.root": f"{root}/cache-{where}"})
+        if where != "local2":
+            shard.run(cfg)
+        bounds.append(forward_bound(cfg, actors=2, images_each=24))
+        manifest, store, todo = stage.plan(cfg)
+        stats = stage.compute(cfg, store, manifest, todo)
+        rates[where] = stats["images_per_s"]
+    bound = float(np.mean(bounds))
+    local = float(np.mean([rates["local"], rates["local2"]]))
+    out["teacher_cache_forward_bound_images_per_s"] = round(bound, 3)
+    out["teacher_cache_images_per_s"] = round(local, 3)
+    out["teacher_cache_efficiency"] = round(local / bound, 3)
+    out["teacher_cache_images_per_s_s3"] = round(rates["s3"], 3)
+    out["teacher_cache_efficiency_s3"] = round(rates["s3"] / bound, 3)
+    return out
+
+
+def _vitb_features(n: int) -> torch.Tensor:
+    """Final-layer patch features of a ViT-B/14 at 518 px (37x37x768, the reference setting)
+    on real photographs; random-init weights (no pretrained weights offline)."""
+    from pipeline.config import TeacherConfig
+    from pipeline.images import crop_box, decode_rgb
+    from pipeline.models import describe_teacher, load_teacher, patch_features
+    from pipeline.sample_corpus import generate
+
+    cfg = TeacherConfig(model="vit_base_patch14_dinov2", img_size=518)
+    pre = describe_teacher(cfg).preprocess
+    model = load_teacher(cfg)
+    images = [decode_rgb(data) for _, data in generate(n, seed=1)]
+    x = torch.stack([pre(img, crop_box(img.width, img.height, pre.size, "center")) for img in images])
+    with torch.inference_mode():
+        return torch.cat([patch_features(model, x[i:i + 2]) for i in range(0, n, 2)])
+
+
+def storage(work: Path) -> dict:
+    """Bytes per image and fidelity against float32 for each storage type (ViT-B/14 @ 518)."""
+    from pipeline.manifest import Unit
+    from pipeline.target_store import StoreSpec, TargetStore
+
+    feats = _vitb_features(4)
+    n, gh, gw, D = feats.shape
+    out = {}
+    for dtype in ("float32", "float16", "bfloat16", "int8"):
+        spec = StoreSpec(teacher={"grid": [gh, gw], "dim": D}, counts=10, shift_frac=0.15, flip=True, seed=0,
+                         dtype=dtype, variants=1, crop="center", corpus_id="bench", unit_rows=n)
+        root = work / "storage" / dtype
+        shutil.rmtree(root, ignore_errors=True)
+        store = TargetStore.create_or_open(str(root), spec, "bench", num_rows=n)
+        store.write_unit(Unit(0, 0, 0, n, 0), feats[:, None], np.tile([0, 0, 518, 518], (n, 1, 1)))
+        stored = sum(f.stat().st_size for name in ("targets", "scales") for f in (Path(store.zarr_url) / name).rglob("*")
+                     if f.is_file() and f.name != "zarr.json")
+        back = torch.from_numpy(store.read(slice(0, n), 0))
+        cos = torch.nn.functional.cosine_similarity(back, feats, dim=-1)
+        rel = (back - feats).norm(dim=-1) / feats.norm(dim=-1)
+        out[f"bytes_per_image_{dtype}"] = int(stored / n)
+        out[f"cosine_mean_{dtype}"] = float(cos.mean())
+        out[f"cosine_min_{dtype}"] = float(cos.min())
+        out[f"relative_error_mean_{dtype}"] = float(rel.mean())
+        out[f"relative_error_max_{dtype}"] = float(rel.max())
+    out["bytes_per_image_raw_float16"] = gh * gw * D * 2
+    return out
+
+
+@ray.remote(num_cpus=1)
+def _write_units(url, options, spec_dict, unit_ids, rows):
+    from pipeline.manifest import Unit
+    from pipeline.target_store import TargetStore
+
+    store = TargetStore(url, options)
+    rng = np.random.default_rng(unit_ids[0])
+    start = time.time()
+    for u in unit_ids:
+        feats = torch.from_numpy(rng.standard_normal((rows, 1, *spec_dict["teacher"]["grid"], spec_dict["teacher"]["dim"]),
+                                                     dtype=np.float32))
+        store.write_unit(Unit(u, u, 0, rows, u * rows), feats, np.tile([0, 0, 1, 1], (rows, 1, 1)))
+    return start, time.time()
+
+
+def s3_write(s3: S3) -> dict:
+    """Throughput of two writers putting ViT-B/14-sized float16 units into a store on the
+    S3 endpoint (MB of stored objects per second)."""
+    import s3fs
+
+    from pipeline.target_store import StoreSpec, TargetStore
+
+    rows, units = 8, 8
+    spec = StoreSpec(teacher={"grid": [37, 37], "dim": 768}, counts=10, shift_frac=0.15, flip=True, seed=0,
+                     dtype="float16", variants=1, crop="center", corpus_id="bench", unit_rows=rows)
+    root = f"{s3.bucket('bench-write')}/cache"
+    store = TargetStore.create_or_open(root, spec, "bench", num_rows=rows * units, storage_options=s3.options)
+    spans = ray.get([_write_units.remote(store.url, s3.options, {"teacher": spec.teacher}, list(range(w, units, 2)), rows)
+                     for w in range(2)])
+    fs = s3fs.S3FileSystem(**s3.options)
+    stored = sum(fs.du(store.zarr_url.removeprefix("s3://") + "/targets", total=False).values())
+    seconds = max(e for _, e in spans) - min(s for s, _ in spans)
+    return {"s3_write_mb_per_s": round(stored / seconds / 1e6, 2), "s3_write_mb": round(stored / 1e6, 1)}
+
+
+def planning(work: Path) -> dict:
+    """Planning and resume over a synthetic corpus of 1,000,000 inputs (no image data)."""
+    from pipeline.ingest import digest, plan_shards, record_url, resume_state
+    from pipeline.manifest import Manifest
+    from pipeline.storage import write_json
+    from stages.shard import finished_records
+
+    out, folder = {}, work / "planning"
+    shutil.rmtree(folder, ignore_errors=True)
+    inputs = [f"s3://corpus/raw/{i // 1000:04d}/{i:08d}.jpg" for i in range(1_000_000)]
+    t = time.perf_counter()
+    plan = plan_shards(inputs, 256)
+    out["planning_1m_plan_seconds"] = round(time.perf_counter() - t, 3)
+    for s, group in plan.items():  # a finished shard's record, as the shard stage writes it
+        write_json(record_url(str(folder), s), {"inputs_digest": digest(group), "keys": [str(i) for i in range(len(group))],
+                                                "offsets": list(range(0, 512 * len(group), 512)), "sizes": [512] * len(group)})
+    t = time.perf_counter()
+    done = finished_records(str(folder), plan, None)
+    todo = resume_state(plan, {s: r["inputs_digest"] for s, r in done.items()})
+    out["planning_1m_resume_seconds"] = round(time.perf_counter() - t, 3)
+    assert not todo
+    manifest = Manifest(str(folder), "bench", 256, 256, {s: len(v) for s, v in plan.items()},
+                        {s: r["inputs_digest"] for s, r in done.items()})
+    t = time.perf_counter()
+    manifest.save()
+    loaded = Manifest.load(str(folder))
+    units = loaded.units()
+    out["planning_1m_manifest_seconds"] = round(time.perf_counter() - t, 3)
+    out["planning_1m_manifest_bytes"] = (folder / "manifest.json").stat().st_size
+    assert len(units) == 3907
+    return out
+
+
+def flops() -> dict:
+    """What a GPU run is bound by: FLOPs of the teacher-cache per image for ViT-B/14 at 518 px."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch14_dinov2", img_size=518, num_classes=0)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_features(torch.randn(1, 3, 518, 518))
+    per_view = counter.get_total_flops()
+    return {"vitb14_518_gflops_per_view": round(per_view / 1e9, 1), "vitb14_518_tflops_per_image_10_views": round(10 * per_view / 1e12, 3)}
+
+
+def planted(work: Path) -> dict:
+    from bench.planted import planted_outliers
+
+    return planted_outliers(str(work / "planted"))
+
+
+SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,
+            "teacher_cache": teacher_cache, "planted": planted}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--workdir", default=str(Path(__file__).with_name("work")))
+    args = parser.parse_args()
+    work = Path(args.workdir).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    s3 = None
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    for name in args.only.split(","):
+        fn = SECTIONS[name]
+        needs = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        if "s3" in needs and s3 is None:
+            s3 = S3()
+        kwargs = {"work": work, "s3": s3}
+        t = time.perf_counter()
+        figures = fn(**{k: kwargs[k] for k in needs})
+        print(f"[bench] {name} ({time.perf_counter() - t:.0f} s): {json.dumps(figures)}", flush=True)
+        results.update(figures)
+        results["bench_cpus"] = os.cpu_count()
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(f"[bench] results -> {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
