@@ -1,8 +1,9 @@
 """Student checkpoints: a folder with the student's timm weights, the optimiser and a state.
 
-    student.safetensors   the student's full state dict (plain timm parameter names)
-    optimizer.pt          AdamW state (tensors only: loads with weights_only=True)
-    state.json            step, epoch, and the configs that rebuild the student
+    student.safetensors     the student's full state dict (plain timm parameter names)
+    projection.safetensors  the linear map to the teacher's width (students of another width only)
+    optimizer.pt            AdamW state (tensors only: loads with weights_only=True)
+    state.json              step, epoch, and the configs that rebuild the student
 """
 from __future__ import annotations
 
@@ -18,22 +19,31 @@ from pipeline.errors import PipelineError
 from pipeline.models import student_skeleton
 from pipeline.storage import join_url, list_names, read_bytes, read_json
 
-WEIGHTS, OPTIMIZER, STATE = "student.safetensors", "optimizer.pt", "state.json"
+WEIGHTS, PROJECTION, OPTIMIZER, STATE = "student.safetensors", "projection.safetensors", "optimizer.pt", "state.json"
 
 
-def save(folder: str, student: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save(folder: str, student: nn.Module, projection: nn.Module | None, optimizer: torch.optim.Optimizer | None,
+         state: dict) -> None:
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    safetensors.torch.save_file(tensors, os.path.join(folder, WEIGHTS))
+    safetensors.torch.save_file(_tensors(student), os.path.join(folder, WEIGHTS))
+    if projection is not None:
+        safetensors.torch.save_file(_tensors(projection), os.path.join(folder, PROJECTION))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER))
     with open(os.path.join(folder, STATE), "w") as f:
         json.dump(state, f, indent=1, sort_keys=True)
 
 
-def load_training_state(folder: str, student: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_training_state(folder: str, student: nn.Module, projection: nn.Module | None,
+                        optimizer: torch.optim.Optimizer) -> dict:
     """Restore weights and optimiser in place from a local checkpoint folder; returns the state."""
     student.load_state_dict(safetensors.torch.load_file(os.path.join(folder, WEIGHTS)))
+    if projection is not None:
+        projection.load_state_dict(safetensors.torch.load_file(os.path.join(folder, PROJECTION)))
     optimizer.load_state_dict(torch.load(os.path.join(folder, OPTIMIZER), map_location="cpu", weights_only=True))
     with open(os.path.join(folder, STATE)) as f:
         return json.load(f)
@@ -57,11 +67,18 @@ def latest(run_url: str, storage_options=None) -> str:
     return best
 
 
-def load_student(checkpoint_url: str, storage_options=None) -> tuple[nn.Module, dict]:
-    """Rebuild the trained student (eval mode) from a checkpoint folder, local or remote."""
+def load_student(checkpoint_url: str, storage_options=None) -> tuple[nn.Module, nn.Linear | None, dict]:
+    """Rebuild the trained student (eval mode) and its projection, if any, from a checkpoint
+    folder, local or remote."""
     state = read_json(join_url(checkpoint_url, STATE), storage_options)
-    teacher_cfg = TeacherConfig.model_validate(state["teacher"])
-    student_cfg = StudentConfig.model_validate(state["student"])
-    model = student_skeleton(teacher_cfg, student_cfg.registers)
+    base = TeacherConfig.model_validate(state["student_base"])
+    cfg = StudentConfig.model_validate(state["student"])
+    model = student_skeleton(base, cfg.registers)
     model.load_state_dict(safetensors.torch.load(read_bytes(join_url(checkpoint_url, WEIGHTS), storage_options)))
-    return model.eval(), state
+    projection = None
+    if state.get("projection"):
+        weights = safetensors.torch.load(read_bytes(join_url(checkpoint_url, PROJECTION), storage_options))
+        projection = nn.Linear(*reversed(weights["weight"].shape))
+        projection.load_state_dict(weights)
+        projection.eval()
+    return model.eval(), projection, state

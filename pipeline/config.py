@@ -114,17 +114,39 @@ class CacheConfig(Section):
         return self.crop or ("center" if self.variants == 1 else "random")
 
 
+PHREG_UNLOCK = ["reg_token", "pos_embed", "patch_embed.proj.*", "blocks.{last}.*"]
+
+
 class StudentConfig(Section):
     name: str = Field("r16", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this student; its run folder and export use it.")
-    registers: int = Field(16, ge=0, description="Register tokens added to the teacher.")
-    unlock: list[str] = Field(
-        default_factory=lambda: ["reg_token", "pos_embed", "patch_embed.proj.*", "blocks.{last}.*"],
-        description="Trainable parameters (fnmatch patterns on parameter names; {last} is the last block's index).",
+    registers: int = Field(16, ge=0, description="Register tokens added to the student.")
+    unlock: list[str] | None = Field(
+        None,
+        description="Trainable parameters (fnmatch patterns on parameter names; {last} is the last block's index). "
+        f"Default: {PHREG_UNLOCK} for a copy of the teacher, ['*'] for a student of another architecture.",
     )
     register_seed: int = Field(0, description="Seed of the registers' initialisation (randn / sqrt(D)).")
+    model: str | None = Field(
+        None, description="Another timm architecture for the student (e.g. a ViT-S for a ViT-B teacher); its patch grid "
+        "at teacher.img_size must equal the teacher's. A learned linear projection maps its width to the teacher's. "
+        "Default: the teacher's own architecture and weights (PH-Reg)."
+    )
+    pretrained: bool = Field(False, description="With student.model: start from timm's pretrained weights of that model.")
+    checkpoint: str | None = Field(None, description="With student.model: start from this weights file.")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="With student.model: extra timm.create_model arguments.")
+
+    @property
+    def unlock_patterns(self) -> list[str]:
+        if self.unlock is not None:
+            return self.unlock
+        return PHREG_UNLOCK if self.model is None else ["*"]
 
 
 class DistillConfig(Section):
+    targets: Literal["cached", "online"] = Field(
+        "cached", description="cached: read the teacher-cache store. online: run the teacher's TTA inside every step with "
+        "new crops and views each epoch, as the reference implementation does (no store needed; ~counts x slower)."
+    )
     store: str | None = Field(None, description="Target store URL. Default: the store of this config's teacher under cache.root.")
     epochs: int = Field(100, ge=1, description="Passes over the cached targets.")
     batch_size: int = Field(8, ge=1, description="Images per step on each worker.")
@@ -139,7 +161,9 @@ class DistillConfig(Section):
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")
     log_every: int = Field(20, ge=1, description="Steps between metric reports.")
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting at the last checkpoint).")
-    seed: int = Field(0, description="Seed of the data order.")
+    seed: int = Field(0, description="Seed of the data order and of the student-side flips.")
+    hflip: float = Field(0.0, ge=0.0, le=1.0, description="Probability of mirroring image and cached target together.")
+    prefetch: int = Field(4, ge=1, description="Batches each worker prepares ahead of its training step.")
     output: str | None = Field(None, description="Folder of the student runs. Default: <run_root>/students.")
 
 
@@ -167,6 +191,12 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    students: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Several students from one cache: each entry overrides sections of this config, e.g. "
+        "[{student: {name: r4, registers: 4}}, {student: {name: r8, registers: 8}, distill: {lr: 2.0e-4}}]. "
+        "distill, export and evaluate then run for every entry.",
+    )
 
     @model_validator(mode="after")
     def _checks(self):
@@ -211,7 +241,8 @@ class Config(Section):
 
 
 PATH_FIELDS = [
-    ("storage", "run_root"), ("shard", "output"), ("teacher", "checkpoint"), ("cache", "shards"), ("cache", "root"),
+    ("storage", "run_root"), ("shard", "output"), ("teacher", "checkpoint"), ("student", "checkpoint"),
+    ("cache", "shards"), ("cache", "root"),
     ("distill", "store"), ("distill", "output"), ("export", "checkpoint"), ("export", "output"),
     ("evaluate", "student"), ("evaluate", "output"),
 ]
@@ -255,6 +286,23 @@ def load_config(paths: list[str | Path] = (), overrides: dict[str, Any] | None =
         return Config.model_validate(tree)
     except Exception as e:  # pydantic's message lists every bad field with its location
         raise ConfigError(f"invalid configuration:\n{e}") from None
+
+
+def expand_students(cfg: Config) -> list[Config]:
+    """One config per entry of `students` (the config itself when the list is empty)."""
+    if not cfg.students:
+        return [cfg]
+    base = cfg.model_dump(mode="json", exclude={"students"})
+    configs = []
+    for entry in cfg.students:
+        try:
+            configs.append(Config.model_validate(deep_merge(base, entry)))
+        except Exception as e:
+            raise ConfigError(f"invalid entry in students: {entry}\n{e}") from None
+    names = [c.student.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"students need distinct student.name values, got {names}")
+    return configs
 
 
 def dump_config(cfg: Config) -> str:

@@ -177,6 +177,37 @@ def build_student(teacher: nn.Module, teacher_cfg: TeacherConfig, cfg: StudentCo
     return student.to(next(teacher.parameters()).device)
 
 
+def student_base(teacher_cfg: TeacherConfig, cfg: StudentConfig) -> TeacherConfig:
+    """The model a student is built from: the teacher itself (PH-Reg), or `student.model`."""
+    if cfg.model is None:
+        return teacher_cfg
+    return TeacherConfig(model=cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, img_size=teacher_cfg.img_size,
+                         init_seed=teacher_cfg.init_seed, model_kwargs=cfg.model_kwargs)
+
+
+def build_any_student(teacher_cfg: TeacherConfig, cfg: StudentConfig, teacher: TeacherSpec, storage_options=None,
+                      loaded_teacher: nn.Module | None = None) -> tuple[nn.Module, nn.Module | None]:
+    """(student, projection): the teacher's architecture with registers, or another one whose
+    patch grid matches the teacher's, with a linear map to the teacher's width if it differs."""
+    base_cfg = student_base(teacher_cfg, cfg)
+    if cfg.model is None and loaded_teacher is not None:
+        base = loaded_teacher
+    else:
+        base = load_teacher(base_cfg, storage_options)
+    grid = tuple(base.patch_embed.grid_size)
+    if grid != tuple(teacher.grid):
+        raise ConfigError(
+            f"student {base_cfg.model} has a {grid[0]}x{grid[1]} patch grid at img_size {base_cfg.img_size}, the teacher's "
+            f"targets are {teacher.grid[0]}x{teacher.grid[1]}: choose a student whose patch size gives the same grid"
+        )
+    student = build_student(base, base_cfg, cfg)
+    if student.embed_dim == teacher.dim:
+        return student, None
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.register_seed)
+        return student, nn.Linear(student.embed_dim, teacher.dim)
+
+
 def unlock(model: nn.Module, patterns: list[str]) -> list[str]:
     """Freeze everything, then unfreeze parameters matching the patterns. Returns their names."""
     last = str(len(model.blocks) - 1)
@@ -195,15 +226,18 @@ def unlock(model: nn.Module, patterns: list[str]) -> list[str]:
 
 
 class PatchFeatures(nn.Module):
-    """Training view of a timm ViT: forward returns `patch_features`. DDP must wrap a module
+    """Training view of a student: forward returns its `patch_features`, mapped to the
+    teacher's width by `projection` when the student is narrower. DDP must wrap a module
     whose forward is the computation, or its gradient hooks never run."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, projection: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.projection = projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return patch_features(self.model, x)
+        features = patch_features(self.model, x)
+        return features if self.projection is None else self.projection(features)
 
 
 def patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

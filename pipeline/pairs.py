@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from pipeline.images import Preprocess, decode_rgb
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, Unit
 from pipeline.shards import fetch_images
-from pipeline.target_store import TargetStore, decode
+from pipeline.teacher_targets import prepare
+from pipeline.target_store import StoreSpec, TargetStore, decode
 
 
 def epoch_plan(counts: dict[int, int], epoch: int, seed: int, rank: int, world: int) -> list[tuple[int, np.ndarray]]:
@@ -64,9 +65,10 @@ def skip(plan: list[tuple[int, np.ndarray]], n: int) -> list[tuple[int, np.ndarr
 
 
 @dataclass
-class PairReader:
+class Examples:
+    """Training examples of a plan, unit by unit: images by ranged reads, in plan order."""
+
     manifest: Manifest
-    store: TargetStore
     preprocess: Preprocess
     storage_options: dict | None = None
 
@@ -76,28 +78,58 @@ class PairReader:
     def unit_counts(self) -> dict[int, int]:
         return {u.id: u.count for u in self.units.values()}
 
-    def pairs(self, plan: list[tuple[int, np.ndarray]], variant: int):
-        """Yield (image (3, H, W), target (gh, gw, D)) float32 tensors in plan order."""
-        dtype = self.store.spec.dtype
+    def _images(self, unit: Unit, positions):
+        record = self.manifest.record(unit.shard, self.storage_options)
+        return fetch_images(record, [unit.first + int(p) for p in positions], self.storage_options)
+
+
+@dataclass
+class CachedPairs(Examples):
+    """(image, target) from the store: epoch e reads variant e mod V, the image cropped with
+    that variant's recorded box. With `hflip` > 0, image and target are mirrored together
+    (valid because the denoised target averages flipped and unflipped views)."""
+
+    store: TargetStore | None = None
+    hflip: float = 0.0
+    seed: int = 0
+
+    def examples(self, plan: list[tuple[int, np.ndarray]], epoch: int):
+        dtype, variant = self.store.spec.dtype, epoch % self.store.spec.variants
         for unit_id, positions in plan:
             unit = self.units[unit_id]
             block = slice(unit.start, unit.start + unit.count)
             stored = self.store.group["targets"][block, variant]
             scales = self.store.group["scales"][block, variant] if dtype == "int8" else None
             boxes = self.store.read_boxes(block, variant)
-            record = self.manifest.record(unit.shard, self.storage_options)
-            images = fetch_images(record, [unit.first + int(p) for p in positions], self.storage_options)
-            for p, data in zip(positions, images):
-                target = decode(stored[p], None if scales is None else scales[p], dtype)
-                yield self.preprocess(decode_rgb(data), boxes[p]), torch.from_numpy(target)
+            for p, data in zip(positions, self._images(unit, positions)):
+                image = self.preprocess(decode_rgb(data), boxes[p])
+                target = torch.from_numpy(decode(stored[p], None if scales is None else scales[p], dtype))
+                if self.hflip and np.random.default_rng([self.seed, epoch, unit.start + int(p)]).random() < self.hflip:
+                    image, target = image.flip(-1), target.flip(1)
+                yield image, target
 
 
-def batches(pairs, batch_size: int):
-    """Stack pairs into (images (B, 3, H, W), targets (B, gh, gw, D)); drops a short last batch."""
-    images, targets = [], []
-    for x, t in pairs:
-        images.append(x)
-        targets.append(t)
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.stack(targets)
-            images, targets = [], []
+@dataclass
+class OnlineViews(Examples):
+    """(image, offsets, flips) for computing targets inside the step, as the reference
+    implementation does: every epoch a new crop and new views per image, drawn from
+    (seed, index, epoch), so epoch e sees what a cache's variant e would hold."""
+
+    spec: StoreSpec | None = None
+
+    def examples(self, plan: list[tuple[int, np.ndarray]], epoch: int):
+        for unit_id, positions in plan:
+            unit = self.units[unit_id]
+            for p, data in zip(positions, self._images(unit, positions)):
+                item = prepare(decode_rgb(data), unit.start + int(p), epoch, self.spec, self.preprocess, 0)
+                yield item.image, item.offsets, item.flips
+
+
+def batches(examples, batch_size: int):
+    """Stack tuples of tensors (or arrays) field by field; drops a short last batch."""
+    buffer = []
+    for example in examples:
+        buffer.append(example)
+        if len(buffer) == batch_size:
+            yield tuple(torch.stack(f) if torch.is_tensor(f[0]) else np.stack(f) for f in zip(*buffer))
+            buffer = []

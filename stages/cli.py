@@ -18,10 +18,11 @@ from pipeline.errors import PipelineError
 COMMANDS = {
     "shard": ("Images -> WebDataset shards + manifest.", ["storage", "shard"]),
     "teacher-cache": ("Shards -> denoised teacher targets (Zarr v3 store).", ["storage", "shard", "teacher", "tta", "cache"]),
-    "distill": ("Target store -> student checkpoints (Ray Train).", ["storage", "shard", "teacher", "tta", "cache", "student", "distill"]),
-    "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export"]),
+    "distill": ("Target store -> student checkpoints (Ray Train).",
+                ["storage", "shard", "teacher", "tta", "cache", "student", "distill", "students"]),
+    "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export", "students"]),
     "evaluate": ("Teacher vs targets vs student: norms, outliers, PCA pictures.",
-                 ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate"]),
+                 ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "students"]),
     "verify": ("Check a target store against its manifest; exit non-zero on any problem.",
                ["storage", "shard", "teacher", "tta", "cache", "distill"]),
     "list": ("List the target stores under the cache root with their settings and completeness.", ["storage", "cache"]),
@@ -49,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="YAML config; repeat to layer files (later ones win).")
         for section in sections:
-            model: type[BaseModel] = Config.model_fields[section].annotation
+            field = Config.model_fields[section]
+            model = field.annotation
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):  # a top-level value, e.g. students
+                p.add_argument(f"--{section}", dest=section, type=_yaml_value, default=argparse.SUPPRESS, metavar="V",
+                               help=_describe(field))
+                continue
             group = p.add_argument_group(section)
             for field_name, field in model.model_fields.items():
                 group.add_argument(f"--{section}.{field_name}", dest=f"{section}.{field_name}", type=_yaml_value,

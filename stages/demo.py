@@ -15,7 +15,7 @@ def run(cfg: Config) -> dict:
     manifest = shard.run(cfg)
     store = teacher_cache.run(cfg)
     distill.run(cfg)
-    exported = export.run(cfg)
+    exported = ", ".join(export.run(cfg))
     report = evaluate.run(cfg)
     say(
         f"\ndemo finished in {time.perf_counter() - t0:.0f} s\n"

@@ -1,20 +1,24 @@
-"""Distill stage: Ray Train workers distill a student from a target store.
+"""Distill stage: Ray Train workers distill students from a target store (or online).
 
-The driver checks the config against the store (teacher, weights, resolution, grid,
-preprocessing) before any compute, then runs a `TorchTrainer`. Each worker builds the
-student from the teacher, reads its share of (image, target) pairs and trains with DDP.
-Checkpoints go to the run folder `<distill.output>/<student.name>`; running the same
-command again resumes from the latest one.
+The driver checks every student's config against the store and its own run folder before
+any compute, then runs one `TorchTrainer` per student, concurrently when the cluster has
+room, and shows a progress bar per student from the metrics the workers write. Each worker
+builds the student, reads its share of (image, target) pairs and trains with DDP.
+Checkpoints go to `<distill.output>/<student.name>`; running the same command again
+resumes every student from its latest checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import asdict, replace
 
 import pyarrow.fs
 import ray.train
@@ -25,26 +29,29 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline import checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, expand_students
 from pipeline.errors import ConfigError
 from pipeline.images import Preprocess
 from pipeline.losses import distill_loss, exp_decay_lr
 from pipeline.manifest import Manifest
-from pipeline.models import PatchFeatures, build_student, load_teacher, unlock
-from pipeline.pairs import PairReader, batches, epoch_plan, samples_per_rank, skip
+from pipeline.models import PatchFeatures, build_any_student, describe_teacher, load_teacher, patch_features, student_base, unlock
+from pipeline.pairs import CachedPairs, OnlineViews, batches, epoch_plan, samples_per_rank, skip
 from pipeline.prefetch import prefetch
 from pipeline.storage import exists, has_scheme, join_url, read_bytes, read_json, url_to_fs, write_bytes_atomic, write_json
-from pipeline.target_store import TargetStore, describe_differences, find_store
-from stages.runtime import cluster_gpus, init_ray, say
+from pipeline.target_store import StoreSpec, TargetStore, describe_differences, find_store, store_spec
+from pipeline.tta import denoise
+from stages.runtime import cluster_gpus, init_ray, progress, say
 
 METRICS = ["step", "epoch", "loss", "cosine", "mse", "lr", "samples_per_s", "data_wait_fraction", "seconds"]
 
 
-def run_identity(cfg: Config, store: TargetStore) -> dict:
+# --- on the driver ------------------------------------------------------------------------
+
+def run_identity(cfg: Config, spec: StoreSpec) -> dict:
     """What a resumed run must share with the run it continues."""
-    keep = {"epochs", "batch_size", "lr", "final_lr", "weight_decay", "mse_scale", "num_workers", "seed"}
+    keep = {"targets", "epochs", "batch_size", "lr", "final_lr", "weight_decay", "mse_scale", "num_workers", "seed", "hflip"}
     return {
-        "store": store.spec.fingerprint,
+        "targets": spec.fingerprint,
         "teacher": cfg.teacher.model_dump(mode="json"),
         "student": cfg.student.model_dump(mode="json"),
         "distill": {k: v for k, v in cfg.distill.model_dump(mode="json").items() if k in keep},
@@ -63,6 +70,31 @@ def claim_run(run_url: str, identity: dict, storage_options) -> None:
         write_json(url, identity, storage_options)
 
 
+def prepare(cfg: Config) -> dict:
+    """Every check that can refuse a student, before any compute; returns its job."""
+    so, d = cfg.storage.storage_options, cfg.distill
+    manifest = Manifest.load(cfg.cache_shards_url, so)
+    teacher = describe_teacher(cfg.teacher, so)
+    if d.targets == "cached":
+        store = find_store(cfg, manifest)
+        spec, store_url = store.spec, store.url
+    else:  # the reference's augmentation: a new random crop and new views every epoch
+        spec, store_url = replace(store_spec(cfg, teacher, manifest), crop="random"), None
+    if cfg.student.model is not None:
+        grid = describe_teacher(student_base(cfg.teacher, cfg.student), so).grid
+        if grid != teacher.grid:
+            raise ConfigError(f"student {cfg.student.model} has a {grid[0]}x{grid[1]} patch grid at img_size "
+                              f"{cfg.teacher.img_size}, the teacher's targets are {teacher.grid[0]}x{teacher.grid[1]}")
+    per_rank = samples_per_rank(manifest.counts, d.num_workers)
+    if per_rank < d.batch_size:
+        raise ConfigError(f"{manifest.num_images} images give each of {d.num_workers} workers {per_rank} "
+                          f"samples per epoch, fewer than distill.batch_size={d.batch_size}")
+    run_url = join_url(cfg.students_url, cfg.student.name)
+    claim_run(run_url, run_identity(cfg, spec), so)
+    return {"cfg": cfg.model_dump(mode="json"), "manifest": manifest.url, "store": store_url, "spec": asdict(spec),
+            "run": run_url, "total_steps": per_rank // d.batch_size * d.epochs}
+
+
 def ray_storage(url: str, storage_options) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """Ray Train's storage_path (+ filesystem for URLs, so custom endpoints work)."""
     if not has_scheme(url):
@@ -71,37 +103,58 @@ def ray_storage(url: str, storage_options) -> tuple[str, pyarrow.fs.FileSystem |
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def run(cfg: Config):
-    so = cfg.storage.storage_options
-    manifest = Manifest.load(cfg.cache_shards_url, so)
-    store = find_store(cfg, manifest)
-    per_rank = samples_per_rank(manifest.counts, cfg.distill.num_workers)
-    if per_rank < cfg.distill.batch_size:
-        raise ConfigError(f"{manifest.num_images} images give each of {cfg.distill.num_workers} workers {per_rank} "
-                          f"samples per epoch, fewer than distill.batch_size={cfg.distill.batch_size}")
-    run_url = join_url(cfg.students_url, cfg.student.name)
-    claim_run(run_url, run_identity(cfg, store), so)
-    init_ray()
-    use_gpu = cfg.distill.use_gpu if cfg.distill.use_gpu is not None else cluster_gpus() >= 1
-    storage_path, storage_fs = ray_storage(cfg.students_url, so)
-    say(f"distill: student {cfg.student.name} ({cfg.student.registers} registers) from {store.url}\n"
-        f"  {cfg.distill.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, {cfg.distill.epochs} epochs of "
-        f"{per_rank // cfg.distill.batch_size} steps -> {run_url}")
+def fit(job: dict):
+    cfg = Config.model_validate(job["cfg"])
+    d = cfg.distill
+    use_gpu = d.use_gpu if d.use_gpu is not None else cluster_gpus() >= 1
+    storage_path, storage_fs = ray_storage(cfg.students_url, cfg.storage.storage_options)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "store": store.url, "manifest": manifest.url, "run": run_url},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.distill.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.distill.cpus_per_worker}
-        ),
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.student.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.distill.max_failures),
+            failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
-    say(f"distill: done, final metrics {result.metrics}\n  checkpoint {result.checkpoint.path if result.checkpoint else None}")
-    return result
+    return trainer.fit()
+
+
+def run(cfg: Config) -> list:
+    jobs = [prepare(c) for c in expand_students(cfg)]
+    for job in jobs:
+        c = Config.model_validate(job["cfg"])
+        say(f"distill: student {c.student.name} ({c.student.registers} registers"
+            f"{', ' + c.student.model if c.student.model else ''}) from {job['store'] or 'online targets'}\n"
+            f"  {c.distill.num_workers} worker(s), {c.distill.epochs} epochs, {job['total_steps']} steps -> {job['run']}")
+    init_ray()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(fit, job) for job in jobs]
+        watch(jobs, futures, Config.model_validate(jobs[0]["cfg"]).storage.storage_options)
+        results = [f.result() for f in futures]
+    for job, result in zip(jobs, results):
+        say(f"distill: {job['run']}: step {result.metrics.get('step')}, loss {result.metrics.get('loss')}, "
+            f"cosine {result.metrics.get('cosine')}")
+    return results
+
+
+def watch(jobs: list[dict], futures, storage_options) -> None:
+    """A progress bar per student, fed by the metrics.csv its rank 0 writes."""
+    bars = [progress(job["total_steps"], Config.model_validate(job["cfg"]).student.name, "step") for job in jobs]
+    running = True
+    while running:
+        running = bool(wait(futures, timeout=2.0).not_done)
+        for job, bar in zip(jobs, bars):
+            with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+                rows = list(csv.DictReader(io.StringIO(read_bytes(join_url(job["run"], "metrics.csv"), storage_options).decode())))
+                if rows:
+                    last = rows[-1]
+                    bar.update(int(last["step"]) - bar.n)
+                    bar.set_postfix(loss=last["loss"], cos=last["cosine"], img_s=last["samples_per_s"],
+                                    wait=last["data_wait_fraction"])
+    for bar in bars:
+        bar.close()
 
 
 # --- on each worker ------------------------------------------------------------------------
@@ -125,6 +178,16 @@ class MetricsLog:
         write_bytes_atomic(self.url, buf.getvalue().encode(), self.storage_options)
 
 
+def record_event(run_url: str, storage_options, event: dict) -> None:
+    """Append to the run's events.jsonl: every (re)start of the workers, with its step."""
+    url = join_url(run_url, "events.jsonl")
+    try:
+        previous = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        previous = b""
+    write_bytes_atomic(url, previous + (json.dumps(event) + "\n").encode(), storage_options)
+
+
 def _mean_across_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -133,52 +196,71 @@ def _mean_across_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def train_loop(config: dict) -> None:
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one progress line per log step is enough
-    cfg = Config.model_validate(config["cfg"])
+def train_loop(job: dict) -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cfg = Config.model_validate(job["cfg"])
     so, d = cfg.storage.storage_options, cfg.distill
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(d.threads_per_worker or max(1, int(d.cpus_per_worker)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    manifest = Manifest.load(config["manifest"], so)
-    store = TargetStore(config["store"], so)
-    student = build_student(load_teacher(cfg.teacher, so), cfg.teacher, cfg.student)
-    unlock(student, cfg.student.unlock)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=d.lr, weight_decay=d.weight_decay)
+    manifest = Manifest.load(job["manifest"], so)
+    spec = StoreSpec(**job["spec"])
+    preprocess = Preprocess.from_dict(spec.teacher["preprocess"])
+    online = d.targets == "online"
+    teacher = load_teacher(cfg.teacher, so, device) if online or cfg.student.model is None else None
+    student, projection = build_any_student(cfg.teacher, cfg.student, spec, so, loaded_teacher=teacher)
+    unlock(student, cfg.student.unlock_patterns)
+    trainable = [p for p in student.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
+    optimizer = torch.optim.AdamW(trainable, lr=d.lr, weight_decay=d.weight_decay)
     step = 0
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as folder:
-            step = checkpoint.load_training_state(folder, student, optimizer)["step"]
-    model = ray.train.torch.prepare_model(PatchFeatures(student))
+            step = checkpoint.load_training_state(folder, student, projection, optimizer)["step"]
+    model = ray.train.torch.prepare_model(PatchFeatures(student, projection))
 
-    reader = PairReader(manifest, store, Preprocess.from_dict(store.spec.teacher["preprocess"]), so)
-    counts = reader.unit_counts()
+    if online:
+        source = OnlineViews(manifest, preprocess, so, spec=spec)
+        fill, patch = preprocess.white().to(device), tuple(spec.teacher["patch"])
+
+        def targets_of(batch):
+            with torch.no_grad(), autocast:
+                return denoise(lambda x: patch_features(teacher, x).float(), batch[0], batch[1], batch[2], patch, fill)
+    else:
+        del teacher
+        source = CachedPairs(manifest, preprocess, so, store=TargetStore(job["store"], so), hflip=d.hflip, seed=d.seed)
+
+        def targets_of(batch):
+            return batch[1].to(device, non_blocking=True)
+
+    counts = source.unit_counts()
     steps_per_epoch = samples_per_rank(counts, world) // d.batch_size
     total = steps_per_epoch * d.epochs
-    log = MetricsLog(join_url(config["run"], "metrics.csv"), so, step) if rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    if rank == 0 and step:
-        print(f"[distill] resuming at step {step}/{total}", flush=True)
+    log = MetricsLog(join_url(job["run"], "metrics.csv"), so, step) if rank == 0 else None
+    if rank == 0:
+        record_event(job["run"], so, {"event": "resume" if step else "start", "step": step, "total_steps": total,
+                                      "workers": world, "time": time.time()})
+        if step:
+            print(f"[distill] {cfg.student.name}: resuming at step {step}/{total}", flush=True)
 
-    sums, steps_in_window, window_start, wait = [0.0, 0.0, 0.0], 0, time.perf_counter(), 0.0
+    sums, steps_in_window, window_start, waited = [0.0, 0.0, 0.0], 0, time.perf_counter(), 0.0
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         plan = skip(epoch_plan(counts, epoch, d.seed, rank, world), done_in_epoch * d.batch_size)
-        stream = prefetch(batches(reader.pairs(plan, epoch % store.spec.variants), d.batch_size), depth=2)
+        stream = prefetch(batches(source.examples(plan, epoch), d.batch_size), depth=d.prefetch)
         while True:
             t_wait = time.perf_counter()
-            try:
-                images, targets = next(stream)
-            except StopIteration:
+            batch = next(stream, None)
+            if batch is None:
                 break
-            wait += time.perf_counter() - t_wait
+            waited += time.perf_counter() - t_wait
             if device.type == "cuda":
-                images, targets = images.pin_memory(), targets.pin_memory()
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+                batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
+            images = batch[0].to(device, non_blocking=True)
+            targets = targets_of((images, *batch[1:]))
             lr = exp_decay_lr(step, total, d.lr, d.final_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -195,30 +277,30 @@ def train_loop(config: dict) -> None:
 
             save = step % d.checkpoint_every == 0 or step == total
             if step % d.log_every == 0 or save:
-                n = steps_in_window
-                loss_m, cos_m, mse_m = _mean_across_ranks([s / n for s in sums], device)
+                loss_m, cos_m, mse_m = _mean_across_ranks([s / steps_in_window for s in sums], device)
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "epoch": epoch, "loss": round(loss_m, 6), "cosine": round(cos_m, 6),
-                       "mse": round(mse_m, 6), "lr": f"{lr:.3e}", "samples_per_s": round(n * d.batch_size * world / elapsed, 2),
-                       "data_wait_fraction": round(wait / elapsed, 4), "seconds": round(elapsed, 2)}
+                       "mse": round(mse_m, 6), "lr": f"{lr:.3e}",
+                       "samples_per_s": round(steps_in_window * d.batch_size * world / elapsed, 2),
+                       "data_wait_fraction": round(waited / elapsed, 4), "seconds": round(elapsed, 2)}
                 if rank == 0:
                     log.append(row)
-                    print(f"[distill] step {step}/{total} epoch {epoch + 1}/{d.epochs} loss {loss_m:.4f} "
-                          f"cos {cos_m:.4f} lr {lr:.2e} {row['samples_per_s']} img/s wait {row['data_wait_fraction']:.0%}",
-                          flush=True)
-                sums, steps_in_window, window_start, wait = [0.0, 0.0, 0.0], 0, time.perf_counter(), 0.0
+                sums, steps_in_window, window_start, waited = [0.0, 0.0, 0.0], 0, time.perf_counter(), 0.0
             if save:
-                _report(row, rank, student, optimizer, cfg, step, epoch, total, config["store"])
+                _report(row, rank, student, projection, optimizer, cfg, step, epoch, total, job["store"])
         stream.close()
 
 
-def _report(metrics: dict, rank: int, student, optimizer, cfg: Config, step: int, epoch: int, total: int, store_url: str):
+def _report(metrics: dict, rank: int, student, projection, optimizer, cfg: Config, step: int, epoch: int, total: int,
+            store_url: str | None):
     """Checkpoint (rank 0 writes it; every rank must call report: it is a barrier)."""
     with tempfile.TemporaryDirectory() as folder:
         ckpt = None
         if rank == 0:
-            state = {"step": step, "epoch": epoch, "total_steps": total, "store": store_url,
-                     "teacher": cfg.teacher.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json")}
-            checkpoint.save(folder, student, optimizer, state)
+            state = {"step": step, "epoch": epoch, "total_steps": total, "store": store_url, "targets": cfg.distill.targets,
+                     "teacher": cfg.teacher.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json"),
+                     "student_base": student_base(cfg.teacher, cfg.student).model_dump(mode="json"),
+                     "projection": projection is not None}
+            checkpoint.save(folder, student, projection, optimizer, state)
             ckpt = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=ckpt)

@@ -4,26 +4,33 @@ from __future__ import annotations
 import tempfile
 
 from pipeline import checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, expand_students
 from pipeline.errors import PipelineError
-from pipeline.export import load_exported, max_output_difference, upload, write_folder
+from pipeline.export import load_exported_features, max_output_difference, upload, write_folder
+from pipeline.models import PatchFeatures
 from pipeline.storage import join_url
 from stages.runtime import say
 
 
-def run(cfg: Config) -> str:
+def run(cfg: Config) -> list[str]:
+    """Export every student of the config (see `students`); returns the export folders."""
+    return [export_one(c) for c in expand_students(cfg)]
+
+
+def export_one(cfg: Config) -> str:
     so = cfg.storage.storage_options
     ckpt = cfg.export.checkpoint or checkpoint.latest(join_url(cfg.students_url, cfg.student.name), so)
-    student, state = checkpoint.load_student(ckpt, so)
+    student, projection, state = checkpoint.load_student(ckpt, so)
     provenance = {"checkpoint": ckpt, "step": state["step"], "store": state["store"], "teacher": state["teacher"],
                   "student": state["student"], "method": "PH-Reg (self-distilled registers)"}
     with tempfile.TemporaryDirectory() as folder:
-        write_folder(student, folder, provenance)
-        rebuilt = load_exported(folder)
-        diff = max_output_difference(student, rebuilt)
+        write_folder(student, folder, provenance, projection)
+        rebuilt = load_exported_features(folder)
+        diff = max_output_difference(PatchFeatures(student, projection), rebuilt)
         if diff != 0.0:
             raise PipelineError(f"the exported model's outputs differ from the checkpoint's by {diff}")
         upload(folder, cfg.export_url, so)
     say(f"export: {ckpt} (step {state['step']}) -> {cfg.export_url}\n"
-        f"  load with timm.create_model('local-dir:<folder>', pretrained=True); outputs verified identical")
+        f"  load with timm.create_model('local-dir:<folder>', pretrained=True); outputs verified identical"
+        + ("\n  projection.safetensors maps its features to the teacher's width" if projection is not None else ""))
     return cfg.export_url

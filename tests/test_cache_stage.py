@@ -16,7 +16,7 @@ import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
-from pipeline.pairs import PairReader
+from pipeline.pairs import CachedPairs
 from pipeline.images import Preprocess
 from stages import caches, shard, teacher_cache
 from tests.conftest import tiny_config
@@ -99,9 +99,9 @@ def test_variants_have_their_own_crops_and_views(corpus, tmp_path):
     boxes = store.group["boxes"][0:4]
     assert boxes.shape == (4, 2, 4) and not np.array_equal(boxes[:, 0], boxes[:, 1])
     manifest = Manifest.load(cfg.shards_url)
-    reader = PairReader(manifest, store, Preprocess.from_dict(store.spec.teacher["preprocess"]))
-    image0, target0 = next(reader.pairs([(0, np.array([0]))], variant=0))
-    image1, target1 = next(reader.pairs([(0, np.array([0]))], variant=1))
+    reader = CachedPairs(manifest, Preprocess.from_dict(store.spec.teacher["preprocess"]), store=store)
+    image0, target0 = next(reader.examples([(0, np.array([0]))], epoch=0))
+    image1, target1 = next(reader.examples([(0, np.array([0]))], epoch=1))  # epoch 1 -> variant 1
     assert not torch.equal(image0, image1)  # the student sees the crop of the variant ...
     assert np.array_equal(target1.numpy(), store.read(slice(0, 1), 1)[0])  # ... with that variant's target
 

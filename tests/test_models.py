@@ -60,7 +60,7 @@ def test_student_registers_and_unlocked_set(family):
     assert student.num_prefix_tokens == teacher.num_prefix_tokens + 4
     std = student.reg_token.std().item()
     assert 0.5 / teacher.embed_dim**0.5 < std < 2.0 / teacher.embed_dim**0.5  # randn / sqrt(D)
-    names = unlock(student, StudentConfig().unlock)
+    names = unlock(student, StudentConfig().unlock_patterns)
     last = len(student.blocks) - 1
     assert "reg_token" in names and "pos_embed" in names
     assert {"patch_embed.proj.weight", "patch_embed.proj.bias"} <= set(names)

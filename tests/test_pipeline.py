@@ -28,7 +28,7 @@ def run_all(cfg):
     manifest = shard.run(cfg)
     store = teacher_cache.run(cfg)
     distill.run(cfg)
-    export_url = export.run(cfg)
+    (export_url,) = export.run(cfg)
     report = evaluate.run(cfg)
     return manifest, store, export_url, report
 
@@ -57,7 +57,7 @@ def check_outputs(cfg, manifest, store, export_url, report):
 
     # the export: plain timm rebuilds the student, outputs equal the trained checkpoint's
     run_url = join_url(cfg.students_url, cfg.student.name)
-    trained, state = checkpoint.load_student(checkpoint.latest(run_url, so), so)
+    trained, _, state = checkpoint.load_student(checkpoint.latest(run_url, so), so)
     assert state["step"] == state["total_steps"] == 2 * 12 // (cfg.distill.batch_size * cfg.distill.num_workers)
     fs, path = url_to_fs(export_url, so)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,194 @@
+"""Distillation at scale: online mode, joint flips, many students, other architectures, faults."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import psutil
+import pytest
+import timm
+import torch
+import yaml
+
+from pipeline import checkpoint
+from pipeline.errors import ConfigError
+from pipeline.export import load_exported_features, max_output_difference
+from pipeline.images import Preprocess
+from pipeline.manifest import Manifest
+from pipeline.models import PatchFeatures, describe_teacher
+from pipeline.pairs import CachedPairs, OnlineViews
+from pipeline.storage import join_url
+from pipeline.target_store import store_spec
+from pipeline.teacher_targets import prepare
+from stages import distill, export, shard, teacher_cache
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, ray_local):
+    """A corpus and its target store, shared by the tests of this module."""
+    root = str(tmp_path_factory.mktemp("distill") / "run")
+    cfg = tiny_config(root)
+    shard.run(cfg)
+    teacher_cache.run(cfg)
+    return root
+
+
+def _events(cfg, name=None):
+    path = join_url(cfg.students_url, name or cfg.student.name, "events.jsonl")
+    return [json.loads(line) for line in open(path)]
+
+
+def test_online_views_are_new_every_epoch_and_match_cached_variants(cached):
+    cfg = tiny_config(cached)
+    manifest = Manifest.load(cfg.shards_url)
+    spec = replace(store_spec(cfg, describe_teacher(cfg.teacher), manifest), crop="random")
+    views = OnlineViews(manifest, Preprocess.from_dict(spec.teacher["preprocess"]), spec=spec)
+    plan = [(0, np.array([1]))]
+    e0, e1 = next(views.examples(plan, 0)), next(views.examples(plan, 1))
+    assert not torch.equal(e0[0], e1[0]) or not np.array_equal(e0[1], e1[1])
+    # epoch e draws exactly what a cache's variant e holds for that image
+    from pipeline.images import decode_rgb
+    from pipeline.shards import read_images
+
+    item = prepare(decode_rgb(read_images(manifest, [1])[0]), 1, 1, spec, views.preprocess, 0)
+    assert torch.equal(item.image, e1[0]) and np.array_equal(item.offsets, e1[1]) and np.array_equal(item.flips, e1[2])
+
+
+def test_joint_flip_mirrors_image_and_target(cached):
+    cfg = tiny_config(cached)
+    manifest = Manifest.load(cfg.shards_url)
+    store = teacher_cache.run(cfg)
+    pre = Preprocess.from_dict(store.spec.teacher["preprocess"])
+    plan = [(0, np.arange(4))]
+    plain = list(CachedPairs(manifest, pre, store=store).examples(plan, 0))
+    flipped = list(CachedPairs(manifest, pre, store=store, hflip=1.0).examples(plan, 0))
+    for (x, t), (xf, tf) in zip(plain, flipped):
+        assert torch.equal(xf, x.flip(-1)) and torch.equal(tf, t.flip(1))
+
+
+def test_online_mode_trains_without_a_store(cached, tmp_path):
+    cfg = tiny_config(cached, **{"distill.targets": "online", "cache.root": str(tmp_path / "no-cache"),
+                                 "student.name": "online", "distill.epochs": 1})
+    (result,) = distill.run(cfg)
+    assert result.metrics["step"] == 6
+    assert not os.path.exists(tmp_path / "no-cache")
+    state = json.load(open(os.path.join(result.checkpoint.path, "state.json")))
+    assert state["targets"] == "online" and state["store"] is None
+
+
+def test_many_students_from_one_cache(cached):
+    cfg = tiny_config(cached, **{"distill.epochs": 1, "students": [
+        {"student": {"name": "many-r2", "registers": 2}},
+        {"student": {"name": "many-r6", "registers": 6, "unlock": ["reg_token", "pos_embed"]}, "distill": {"lr": 3e-4}},
+    ]})
+    results = distill.run(cfg)
+    assert [r.metrics["step"] for r in results] == [6, 6]
+    exports = export.run(cfg)
+    assert [os.path.basename(e) for e in exports] == ["many-r2", "many-r6"]
+    for url, registers in zip(exports, (2, 6)):
+        assert timm.create_model(f"local-dir:{url}", pretrained=True).reg_token.shape[1] == registers
+    # the unlocked set was honoured: r6 kept its last block frozen
+    r6, _, _ = checkpoint.load_student(checkpoint.latest(join_url(cfg.students_url, "many-r6")))
+    teacher = timm.create_model("local-dir:" + exports[0], pretrained=True)
+    assert torch.equal(r6.blocks[-1].mlp.fc1.weight, _teacher(cfg).blocks[-1].mlp.fc1.weight)
+    assert not torch.equal(teacher.blocks[-1].mlp.fc1.weight, _teacher(cfg).blocks[-1].mlp.fc1.weight)
+
+
+def _teacher(cfg):
+    from pipeline.models import load_teacher
+
+    return load_teacher(cfg.teacher)
+
+
+def test_student_of_another_width_with_projection(cached):
+    narrow = {"student.model": "vit_tiny_patch16_224", "student.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+              "student.name": "narrow", "distill.epochs": 1}
+    cfg = tiny_config(cached, **narrow)
+    (result,) = distill.run(cfg)
+    assert os.path.exists(os.path.join(result.checkpoint.path, "projection.safetensors"))
+    (url,) = export.run(cfg)
+    assert os.path.exists(os.path.join(url, "projection.safetensors"))
+    trained, projection, _ = checkpoint.load_student(result.checkpoint.path)
+    assert projection.weight.shape == (48, 32)
+    exported = load_exported_features(url)
+    assert max_output_difference(PatchFeatures(trained, projection), exported) == 0.0
+    assert exported(torch.randn(1, 3, 64, 64)).shape == (1, 4, 4, 48)
+
+    wrong = tiny_config(cached, **{**narrow, "student.name": "wrong-grid",
+                                   "student.model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}})
+    with pytest.raises(ConfigError, match="8x8 patch grid .* teacher's targets are 4x4"):
+        distill.run(wrong)
+    assert not os.path.exists(join_url(wrong.students_url, "wrong-grid"))
+
+
+def _slow(cached, name, **extra):
+    """A student that trains for a while (12 blocks at 224 px) so it can be killed part-way."""
+    return tiny_config(cached, **{"student.name": name, "teacher.img_size": 224, "teacher.model_kwargs": {},
+                                  "cache.root": os.path.join(cached, "cache-224"), "distill.epochs": 8,
+                                  "distill.checkpoint_every": 6, "distill.log_every": 3, **extra})
+
+
+def _past_first_checkpoint(cfg) -> bool:
+    """Training logged a step after its first checkpoint (so Ray Train has registered it)."""
+    try:
+        lines = open(join_url(cfg.students_url, cfg.student.name, "metrics.csv")).read().splitlines()[1:]
+    except FileNotFoundError:
+        return False
+    return any(int(line.split(",")[0]) > cfg.distill.checkpoint_every for line in lines)
+
+
+def test_killed_worker_restores_from_checkpoint(cached):
+    cfg = _slow(cached, "worker-kill", **{"distill.max_failures": 2})
+    teacher_cache.run(cfg)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while not _past_first_checkpoint(cfg) and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+        if workers:
+            workers[0].kill()
+            killed.append(workers[0].pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    (result,) = distill.run(cfg)
+    thread.join()
+    assert killed, "no training worker was found to kill"
+    assert result.metrics["step"] == 48
+    events = _events(cfg)
+    assert events[0]["event"] == "start" and any(e["event"] == "resume" and e["step"] > 0 for e in events[1:])
+
+
+def test_rerun_after_the_whole_job_died_resumes(cached, tmp_path):
+    cfg = _slow(cached, "driver-kill")
+    teacher_cache.run(cfg)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    command = [sys.executable, "-m", "stages", "distill", "--config", str(path)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    deadline = time.time() + 300
+    while not _past_first_checkpoint(cfg):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    events = _events(cfg)
+    assert [e["event"] for e in events][:1] == ["start"] and events[-1]["event"] == "resume" and events[-1]["step"] >= 6
+    state = json.load(open(os.path.join(checkpoint.latest(join_url(cfg.students_url, "driver-kill")), "state.json")))
+    assert state["step"] == 48
