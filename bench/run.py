@@ -36,8 +36,11 @@ class S3:
     """moto's S3 server on loopback, as the tests use it."""
 
     def __init__(self):
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server._server.server_address
@@ -241,6 +244,65 @@ def flops() -> dict:
     return {"vitb14_518_gflops_per_view": round(per_view / 1e9, 1), "vitb14_518_tflops_per_image_10_views": round(10 * per_view / 1e12, 3)}
 
 
+def _steady_rate(run_url: str, storage_options=None) -> tuple[float, float]:
+    """(samples/s, data-wait fraction) averaged over a run's metric rows, the first dropped
+    (it includes start-up: model building, first reads, DDP set-up)."""
+    import csv
+    import io
+
+    from pipeline.storage import join_url, read_bytes
+
+    rows = list(csv.DictReader(io.StringIO(read_bytes(join_url(run_url, "metrics.csv"), storage_options).decode())))[1:]
+    seconds = sum(float(r["seconds"]) for r in rows)
+    samples = sum(float(r["samples_per_s"]) * float(r["seconds"]) for r in rows)
+    waited = sum(float(r["data_wait_fraction"]) * float(r["seconds"]) for r in rows)
+    return samples / seconds, waited / seconds
+
+
+def distill_speed(work: Path, s3: S3) -> dict:
+    """Students per second from cached targets vs online TTA (counts=10), 1 vs 2 Ray Train
+    workers on the same two cores, and the share of step time spent waiting for data from a
+    local and an S3 store. Same student, same images, same run."""
+    from pipeline.storage import join_url
+    from stages import distill, shard, teacher_cache
+
+    out = {}
+    shutil.rmtree(work / "distill", ignore_errors=True)
+    base = {**TINY_TEACHER, "shard.sample_size": 64, "shard.shard_size": 16, "tta.counts": 10, "cache.batch_images": 2,
+            "distill.batch_size": 8, "distill.log_every": 2, "distill.checkpoint_every": 1000}
+    roots = {"local": str(work / "distill"), "s3": f"{s3.bucket('bench-distill')}/distill"}
+    for where, root in roots.items():
+        cfg = load_config([], {**base, "storage.run_root": root, "storage.storage_options": s3.options if where == "s3" else {}})
+        shard.run(cfg)
+        teacher_cache.run(cfg)
+    runs = {  # name: (root, overrides)
+        "cached_1w": ("local", {"distill.num_workers": 1, "distill.cpus_per_worker": 2, "distill.threads_per_worker": 2,
+                                "distill.epochs": 3}),
+        "cached_2w": ("local", {"distill.num_workers": 2, "distill.cpus_per_worker": 1, "distill.threads_per_worker": 1,
+                                "distill.epochs": 3}),
+        "online_1w": ("local", {"distill.num_workers": 1, "distill.cpus_per_worker": 2, "distill.threads_per_worker": 2,
+                                "distill.epochs": 1, "distill.targets": "online"}),
+        "cached_1w_s3": ("s3", {"distill.num_workers": 1, "distill.cpus_per_worker": 2, "distill.threads_per_worker": 2,
+                                "distill.epochs": 3}),
+    }
+    rates = {}
+    for name, (where, overrides) in runs.items():
+        options = s3.options if where == "s3" else {}
+        cfg = load_config([], {**base, **overrides, "storage.run_root": roots[where], "storage.storage_options": options,
+                               "student.name": name})
+        distill.run(cfg)
+        rates[name] = _steady_rate(join_url(cfg.students_url, name), options)
+    out["distill_samples_per_s_1_worker"] = round(rates["cached_1w"][0], 3)
+    out["distill_samples_per_s_2_workers"] = round(rates["cached_2w"][0], 3)
+    out["distill_online_samples_per_s"] = round(rates["online_1w"][0], 3)
+    out["cached_vs_online_speedup"] = round(rates["cached_1w"][0] / rates["online_1w"][0], 3)
+    out["data_wait_fraction_local"] = round(rates["cached_1w"][1], 4)
+    out["data_wait_fraction_local_2_workers"] = round(rates["cached_2w"][1], 4)
+    out["data_wait_fraction_s3"] = round(rates["cached_1w_s3"][1], 4)
+    out["distill_samples_per_s_s3"] = round(rates["cached_1w_s3"][0], 3)
+    return out
+
+
 def planted(work: Path) -> dict:
     from bench.planted import planted_outliers
 
@@ -248,7 +310,7 @@ def planted(work: Path) -> dict:
 
 
 SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,
-            "teacher_cache": teacher_cache, "planted": planted}
+            "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted}
 
 
 def main() -> None:

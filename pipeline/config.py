@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.errors import ConfigError
-from pipeline.storage import absolute, join_url
+from pipeline.storage import absolute, inside, join_url
 
 
 class Section(BaseModel):
@@ -26,6 +26,11 @@ class StorageConfig(Section):
         default_factory=dict,
         description="fsspec options for every URL (e.g. {client_kwargs: {endpoint_url: ...}}). "
         "Never put credentials here: use the environment or instance roles.",
+    )
+    extra_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders or URLs outside run_root where stages may also write (e.g. a cache shared by several runs). "
+        "An output location anywhere else is refused.",
     )
 
 
@@ -107,7 +112,10 @@ class CacheConfig(Section):
         None, ge=1, description="Units handed to an actor at once (its reader and writer overlap across them). "
         "Default: about four tasks per actor, at most 16 units each."
     )
-    compression_level: int = Field(3, ge=1, le=22, description="zstd level of the stored targets.")
+    lease_seconds: float = Field(
+        60.0, gt=0, description="A run holds a lease on its store; a second run is refused until the lease is released "
+        "or this long without a heartbeat (at once when the holder was a dead process on the same host)."
+    )
 
     @property
     def crop_mode(self) -> str:
@@ -209,6 +217,13 @@ class Config(Section):
             if isinstance(value, str):
                 object.__setattr__(part, name, absolute(value))
         object.__setattr__(self.shard, "input", [s if s.startswith("sample:") else absolute(s) for s in self.shard.input])
+        object.__setattr__(self.storage, "extra_roots", [absolute(r) for r in self.storage.extra_roots])
+        roots = [self.storage.run_root, *self.storage.extra_roots]
+        for section, name in OUTPUT_FIELDS:
+            value = getattr(getattr(self, section), name)
+            if value is not None and not any(inside(value, root) for root in roots):
+                raise ValueError(f"{section}.{name}={value} is outside storage.run_root ({self.storage.run_root}); "
+                                 f"add a root that contains it to storage.extra_roots to allow writing there")
         return self
 
     # Derived locations: one place decides where each stage reads and writes.
@@ -240,6 +255,7 @@ class Config(Section):
         return self.evaluate.output or self.under_root("eval", self.student.name)
 
 
+OUTPUT_FIELDS = [("shard", "output"), ("cache", "root"), ("distill", "output"), ("export", "output"), ("evaluate", "output")]
 PATH_FIELDS = [
     ("storage", "run_root"), ("shard", "output"), ("teacher", "checkpoint"), ("student", "checkpoint"),
     ("cache", "shards"), ("cache", "root"),
@@ -305,5 +321,21 @@ def expand_students(cfg: Config) -> list[Config]:
     return configs
 
 
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redacted(value: Any) -> Any:
+    """A copy with the values of secret-looking keys replaced, for anything written or logged."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) and not isinstance(v, dict) else redacted(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, storage options redacted (credentials never reach a file)."""
+    data = cfg.model_dump(mode="json")
+    data["storage"]["storage_options"] = redacted(data["storage"]["storage_options"])
+    return yaml.safe_dump(data, sort_keys=False)

@@ -144,18 +144,29 @@ def build_shard(shard_id: int, inputs: list[str], cfg: ShardConfig, capacity: in
     return record
 
 
+def safe_key(key: str) -> bool:
+    parts = key.split("/")
+    return bool(key) and not key.startswith("/") and ".." not in parts and all(c.isprintable() for c in key)
+
+
 def index_external_tar(shard_id: int, tar_url: str, cfg: ShardConfig, out_url: str, storage_options=None) -> dict:
     """An existing WebDataset tar -> its record, in one streaming pass. Every image is decoded
     once to validate it; its bytes stay where they are."""
     t0 = time.perf_counter()
     fs, path = url_to_fs(tar_url, storage_options)
-    accepted, members, rejects, keys = [], [], [], {}
+    accepted, members, rejects, keys, unsafe = [], [], [], {}, set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
                 key, ext = split_name(info.name)
+                if not safe_key(key):  # never let a key name a path outside the shard
+                    if key not in unsafe:
+                        unsafe.add(key)
+                        rejects.append({"source": f"{tar_url}#{key!r}", "reason": "unsafe_key",
+                                        "detail": "absolute, '..' or control characters in the sample key"})
+                    continue
                 has_image = keys.setdefault(key, False)
                 if ext not in IMAGE_EXTENSIONS or has_image:
                     continue

@@ -20,8 +20,17 @@ def has_scheme(url: str) -> bool:
 
 
 def absolute(url: str) -> str:
-    """URLs unchanged, local paths made absolute."""
-    return url if has_scheme(url) else os.path.abspath(os.path.expanduser(url))
+    """Local paths made absolute, `..` and `.` resolved in paths and URLs alike."""
+    if has_scheme(url):
+        scheme, path = url.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(path)}" if path else url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def inside(url: str, root: str) -> bool:
+    """Whether `url` is `root` or below it (both normalised first)."""
+    url, root = absolute(url), absolute(root).rstrip("/")
+    return url == root or url.startswith(root + "/")
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -30,9 +39,24 @@ def join_url(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+# Object stores fail transiently (5xx, throttling, dropped connections); botocore's
+# "standard" retry mode backs off and retries all of these. A user's own setting wins.
+S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+
+
+def fs_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The fsspec options for `url`: the user's, over the defaults for its protocol."""
+    if not has_scheme(url):
+        return {}
+    options = dict(storage_options or {})
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        config = {**S3_DEFAULTS["config_kwargs"], **options.get("config_kwargs", {})}
+        options["config_kwargs"] = config
+    return options
+
+
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    options = storage_options if has_scheme(url) else {}
-    return fsspec.core.url_to_fs(url, **(options or {}))
+    return fsspec.core.url_to_fs(url, **fs_options(url, storage_options))
 
 
 def exists(url: str, storage_options=None) -> bool:

@@ -27,7 +27,7 @@ import zarr
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import describe_teacher
-from pipeline.storage import exists, join_url, list_names, read_json, write_json
+from pipeline.storage import exists, fs_options, join_url, list_names, read_json, write_json
 
 FORMAT = "phreg-targets/2"
 ENCODINGS = {
@@ -149,7 +149,7 @@ class TargetStore:
             raise PipelineError(f"no target store at {self.url}") from None
 
     def _zarr_options(self):
-        return self.storage_options if "://" in self.url else None
+        return fs_options(self.url, self.storage_options) or None
 
     @cached_property
     def attrs(self) -> dict:

@@ -66,6 +66,13 @@ def batched(items, size: int):
         yield batch
 
 
+def node_id() -> str | None:
+    """The Ray node this runs on (recorded with each unit), None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class TeacherTargets:
     def __init__(self, teacher_cfg: TeacherConfig, store: TargetStore, manifest: Manifest, batch_images: int = 4,
                  prefetch_batches: int = 2, device: str | torch.device = "cpu", storage_options=None):
@@ -130,6 +137,6 @@ class TeacherTargets:
         tw = time.perf_counter()
         written = self.store.write_unit(unit, out, boxes)
         stats = {"images": unit.count, "variants": self.spec.variants, "compute_seconds": round(compute, 3),
-                 "write_seconds": round(time.perf_counter() - tw, 3), **written}
+                 "write_seconds": round(time.perf_counter() - tw, 3), "node": node_id(), **written}
         self.store.mark_complete(unit.id, stats)
         return {"unit": unit.id, "started": started, "finished": time.time(), **stats}

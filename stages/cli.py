@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import yaml
@@ -69,9 +70,42 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(paths, args)
         run(command, cfg)
-    except PipelineError as e:
-        print(f"phreg {command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # a user-facing tool ends with a sentence, not a stack trace
+        if os.environ.get("PHREG_DEBUG"):
+            raise
+        cause = root_cause(e)
+        if isinstance(cause, PipelineError):
+            print(f"phreg {command}: error: {cause}", file=sys.stderr)
+            sys.exit(2)
+        kind = "storage error" if is_storage_error(cause) else "failed"
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        print(f"phreg {command}: {kind}: {type(cause).__name__}: {message}\n"
+              f"  (set PHREG_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception a Ray task or a Ray Train worker raised, through Ray's wrappers."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):
+            e = inner
+            continue
+        errors = getattr(e, "worker_failures", None)  # Ray Train: {rank: exception}
+        if isinstance(errors, dict) and errors:
+            e = next(iter(errors.values()))
+            continue
+        break
+    return e
+
+
+def is_storage_error(e: BaseException) -> bool:
+    module = type(e).__module__ or ""
+    return isinstance(e, OSError) or module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "fsspec"))
 
 
 ENTRY_POINTS = {

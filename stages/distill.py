@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, replace
 
 import pyarrow.fs
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -240,9 +241,12 @@ def train_loop(job: dict) -> None:
     steps_per_epoch = samples_per_rank(counts, world) // d.batch_size
     total = steps_per_epoch * d.epochs
     log = MetricsLog(join_url(job["run"], "metrics.csv"), so, step) if rank == 0 else None
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(nodes, nodes[0])
     if rank == 0:
         record_event(job["run"], so, {"event": "resume" if step else "start", "step": step, "total_steps": total,
-                                      "workers": world, "time": time.time()})
+                                      "workers": world, "nodes": nodes, "time": time.time()})
         if step:
             print(f"[distill] {cfg.student.name}: resuming at step {step}/{total}", flush=True)
 

@@ -12,6 +12,7 @@ import torch
 from ray.util import ActorPool
 
 from pipeline.config import Config
+from pipeline.lease import Lease
 from pipeline.manifest import Manifest, Unit
 from pipeline.models import describe_teacher
 from pipeline.target_store import TargetStore, store_spec
@@ -89,7 +90,8 @@ def compute(cfg: Config, store: TargetStore, manifest: Manifest, todo: list[Unit
 def run(cfg: Config) -> TargetStore:
     manifest, store, todo = plan(cfg)
     if todo:
-        stats = compute(cfg, store, manifest, todo)
+        with Lease(store.url, cfg.storage.storage_options, ttl=cfg.cache.lease_seconds, what="teacher-cache run"):
+            stats = compute(cfg, store, manifest, [u for u in todo if u.id not in store.completed()])
         say(f"teacher-cache: {stats['images']} images in {stats['seconds']:.1f} s "
             f"({stats['images_per_s']:.2f} img/s on {stats['actors']} actor(s)) -> {store.url}")
     return store

@@ -29,6 +29,7 @@ def tiny_config(root: str, storage_options: dict | None = None, **overrides) -> 
     `overrides` are dotted keys, e.g. {"tta.counts": 4}."""
     values = {
         "storage.run_root": root,
+        "storage.extra_roots": [root.rsplit("/", 1)[0]],  # tests keep caches and inputs beside the run
         "storage.storage_options": storage_options or {},
         "shard.input": ["sample:photos"],
         "shard.sample_size": 12,
@@ -65,8 +66,11 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server._server.server_address

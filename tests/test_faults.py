@@ -1,0 +1,165 @@
+"""Faults a long job meets: flaky or dead object storage, concurrent runs, leaked secrets,
+paths and keys that try to escape."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import s3fs
+import yaml
+
+from pipeline.config import dump_config, load_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.lease import Lease
+from stages import caches, distill, export, shard, teacher_cache
+from tests.conftest import tiny_config
+from tests.corpus import encode, img2dataset_tar, photo
+from tests.faults import FaultyProxy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def proxy(s3_endpoint):
+    p = FaultyProxy(s3_endpoint, seed=1).start()
+    yield p
+    p.stop()
+
+
+def _bucket(options) -> str:
+    import uuid
+
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(**options).mkdir(name)
+    return f"s3://{name}"
+
+
+def test_flaky_storage_every_stage_retries_and_finishes(proxy, ray_local):
+    options = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True}
+    root = _bucket({"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True}) + "/run"
+    proxy.error_rate, proxy.drop_rate = 0.1, 0.05  # one request in seven fails
+    cfg = tiny_config(root, options, **{"distill.epochs": 1})
+    shard.run(cfg)
+    teacher_cache.run(cfg)
+    distill.run(cfg)
+    (url,) = export.run(cfg)
+    assert caches.verify(cfg) == []
+    assert proxy.counts["errors"] > 10 and proxy.counts["drops"] > 5, proxy.counts
+    fs = s3fs.S3FileSystem(**options)
+    assert fs.exists(url.removeprefix("s3://") + "/model.safetensors")
+
+
+def test_dead_storage_fails_with_a_clear_message_and_marks_nothing(proxy, ray_local, tmp_path):
+    options = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True,
+               "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    root = _bucket(options) + "/run"
+    cfg = tiny_config(root, options)
+    shard.run(cfg)
+    store = teacher_cache.run(cfg)
+    before = store.completed()
+
+    other = tiny_config(root, options, **{"tta.counts": 2})
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other.model_dump(mode="json")))
+    proxy.down = True
+    proc = subprocess.run([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "storage error" in proc.stderr and "Traceback" not in proc.stderr
+    proxy.down = False
+    assert store.completed() == before and caches.verify(cfg) == []
+    fs = s3fs.S3FileSystem(**options)
+    assert not fs.glob(root.removeprefix("s3://") + "/cache/*/complete/*.json") or all(
+        p.startswith(store.url.removeprefix("s3://")) for p in fs.glob(root.removeprefix("s3://") + "/cache/*/complete/*.json"))
+
+
+def test_a_second_concurrent_run_is_refused_and_the_store_verifies(tmp_path, ray_local):
+    settings = {"teacher.img_size": 224, "teacher.model_kwargs": {}, "tta.counts": 6, "shard.sample_size": 16,
+                "shard.shard_size": 2}
+    cfg = tiny_config(str(tmp_path / "run"), **settings)
+    shard.run(cfg)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    first = subprocess.Popen([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+    leases = lambda: glob.glob(os.path.join(cfg.cache_root, "*", "lease.json"))  # noqa: E731
+    import time
+
+    while not leases():
+        assert first.poll() is None, first.stdout.read().decode()[-2000:]
+        time.sleep(0.05)
+    with pytest.raises(PipelineError, match="another teacher-cache run holds"):
+        teacher_cache.run(cfg)
+    assert first.wait(timeout=600) == 0
+    assert not leases()  # released at the end
+    assert caches.verify(cfg) == []
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = Lease(str(tmp_path))
+    dead.me["pid"] = int(proc.stdout)
+    dead._write()
+    with Lease(str(tmp_path), ttl=600) as lease:  # no wait although the heartbeat is fresh
+        assert json.load(open(tmp_path / "lease.json"))["id"] == lease.me["id"]
+    assert not os.path.exists(tmp_path / "lease.json")
+
+
+def test_outputs_cannot_escape_the_run_root(tmp_path):
+    root = str(tmp_path / "run")
+    for field, value in [("export.output", f"{root}/../../elsewhere"), ("cache.root", "/etc/phreg"),
+                         ("shard.output", "s3://other-bucket/x")]:
+        with pytest.raises(ConfigError, match="outside storage.run_root"):
+            load_config([], {"storage.run_root": root, field: value})
+    ok = load_config([], {"storage.run_root": root, "cache.root": str(tmp_path / "shared"),
+                          "storage.extra_roots": [str(tmp_path / "shared")]})
+    assert ok.cache_root == str(tmp_path / "shared")
+
+
+def test_keys_that_try_to_escape_are_rejected(tmp_path, ray_local):
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    img2dataset_tar(folder / "00000.tar", {"000000001": encode(photo(), "JPEG"), "../../escape": encode(photo(), "JPEG"),
+                                           "/abs/path": encode(photo(), "JPEG")})
+    cfg = tiny_config(str(tmp_path / "run"), **{"shard.input": [str(folder)], "shard.max_reject_fraction": 0.9})
+    manifest = shard.run(cfg)
+    assert manifest.counts == {0: 1}
+    rejects = [json.loads(line) for line in open(os.path.join(cfg.shards_url, "rejects.jsonl"))]
+    assert sorted(r["reason"] for r in rejects) == ["unsafe_key", "unsafe_key"]
+    assert sorted(os.listdir(tmp_path)) == ["run", "tars"] and not os.path.exists("/abs")
+
+
+def test_no_secret_reaches_a_file_or_a_log(s3_endpoint, ray_local, tmp_path, capfd):
+    secret_env, secret_option = "PLANTED-ENV-SECRET-7f3a", "PLANTED-OPTION-SECRET-91c2"
+    os.environ["AWS_SESSION_TOKEN"] = secret_env  # moto ignores it; botocore sends it on every request
+    try:
+        options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True,
+                   "key": "testing", "secret": secret_option}
+        root = _bucket(options) + "/run"
+        cfg = tiny_config(root, options, **{"distill.epochs": 1})
+        shard.run(cfg)
+        teacher_cache.run(cfg)
+        distill.run(cfg)
+        export.run(cfg)
+        written = {"config": dump_config(cfg)}
+        fs = s3fs.S3FileSystem(**options)
+        for path in fs.find(root.removeprefix("s3://")):
+            written[path] = fs.cat_file(path).decode("latin-1")
+        import ray
+
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
+            if os.path.isfile(path):
+                written[path] = open(path, "rb").read().decode("latin-1")
+        out, err = capfd.readouterr()
+        written["stdout"], written["stderr"] = out, err
+        leaks = [name for name, text in written.items() if secret_env in text or secret_option in text]
+        assert not leaks, leaks
+        assert "<redacted>" in written["config"]
+    finally:
+        del os.environ["AWS_SESSION_TOKEN"]
