@@ -161,7 +161,8 @@ def watch(jobs: list[dict], futures, storage_options) -> None:
 # --- on each worker ------------------------------------------------------------------------
 
 class MetricsLog:
-    """Rank 0 keeps the run's metric rows and rewrites `metrics.csv` in the run folder."""
+    """Rank 0 keeps a CSV of metric rows in the run folder (`metrics.csv`: one row per
+    `log_every` steps; `epochs.csv`: one per epoch), rewritten whole at each row."""
 
     def __init__(self, url: str, storage_options, resume_step: int):
         self.url, self.storage_options = url, storage_options
@@ -177,6 +178,29 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(self.rows)
         write_bytes_atomic(self.url, buf.getvalue().encode(), self.storage_options)
+
+
+class Meter:
+    """Loss, cosine, MSE and data-wait time summed over a window of steps."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.steps, self.waited, self.start = [0.0, 0.0, 0.0], 0, 0.0, time.perf_counter()
+
+    def add(self, values, waited: float) -> None:
+        self.sums = [a + b for a, b in zip(self.sums, values)]
+        self.steps += 1
+        self.waited += waited
+
+    def row(self, step: int, epoch: int, lr: float, samples_per_step: int, device) -> dict:
+        """The window's averages over all ranks (a collective: every rank must call it)."""
+        loss, cos, mse = _mean_across_ranks([v / self.steps for v in self.sums], device)
+        elapsed = time.perf_counter() - self.start
+        return {"step": step, "epoch": epoch, "loss": round(loss, 6), "cosine": round(cos, 6), "mse": round(mse, 6),
+                "lr": f"{lr:.3e}", "samples_per_s": round(self.steps * samples_per_step / elapsed, 2),
+                "data_wait_fraction": round(self.waited / elapsed, 4), "seconds": round(elapsed, 2)}
 
 
 def record_event(run_url: str, storage_options, event: dict) -> None:
@@ -241,6 +265,7 @@ def train_loop(job: dict) -> None:
     steps_per_epoch = samples_per_rank(counts, world) // d.batch_size
     total = steps_per_epoch * d.epochs
     log = MetricsLog(join_url(job["run"], "metrics.csv"), so, step) if rank == 0 else None
+    epochs_log = MetricsLog(join_url(job["run"], "epochs.csv"), so, step) if rank == 0 else None
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if dist.is_available() and dist.is_initialized():
         dist.all_gather_object(nodes, nodes[0])
@@ -250,17 +275,18 @@ def train_loop(job: dict) -> None:
         if step:
             print(f"[distill] {cfg.student.name}: resuming at step {step}/{total}", flush=True)
 
-    sums, steps_in_window, window_start, waited = [0.0, 0.0, 0.0], 0, time.perf_counter(), 0.0
+    window, whole_epoch = Meter(), Meter()
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         plan = skip(epoch_plan(counts, epoch, d.seed, rank, world), done_in_epoch * d.batch_size)
         stream = prefetch(batches(source.examples(plan, epoch), d.batch_size), depth=d.prefetch)
+        whole_epoch.reset()
         while True:
             t_wait = time.perf_counter()
             batch = next(stream, None)
             if batch is None:
                 break
-            waited += time.perf_counter() - t_wait
+            waited = time.perf_counter() - t_wait
             if device.type == "cuda":
                 batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
             images = batch[0].to(device, non_blocking=True)
@@ -275,24 +301,23 @@ def train_loop(job: dict) -> None:
             loss.backward()
             optimizer.step()
             step += 1
-            steps_in_window += 1
-            for i, v in enumerate((loss.item(), cos.item(), mse.item())):
-                sums[i] += v
+            values = (loss.item(), cos.item(), mse.item())
+            window.add(values, waited)
+            whole_epoch.add(values, waited)
 
             save = step % d.checkpoint_every == 0 or step == total
             if step % d.log_every == 0 or save:
-                loss_m, cos_m, mse_m = _mean_across_ranks([s / steps_in_window for s in sums], device)
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "epoch": epoch, "loss": round(loss_m, 6), "cosine": round(cos_m, 6),
-                       "mse": round(mse_m, 6), "lr": f"{lr:.3e}",
-                       "samples_per_s": round(steps_in_window * d.batch_size * world / elapsed, 2),
-                       "data_wait_fraction": round(waited / elapsed, 4), "seconds": round(elapsed, 2)}
+                row = window.row(step, epoch, lr, d.batch_size * world, device)
                 if rank == 0:
                     log.append(row)
-                sums, steps_in_window, window_start, waited = [0.0, 0.0, 0.0], 0, time.perf_counter(), 0.0
+                window.reset()
             if save:
                 _report(row, rank, student, projection, optimizer, cfg, step, epoch, total, job["store"])
         stream.close()
+        if whole_epoch.steps:
+            row = whole_epoch.row(step, epoch, lr, d.batch_size * world, device)
+            if rank == 0:
+                epochs_log.append(row)
 
 
 def _report(metrics: dict, rank: int, student, projection, optimizer, cfg: Config, step: int, epoch: int, total: int,

@@ -68,7 +68,9 @@ def check_outputs(cfg, manifest, store, export_url, report):
     assert max_output_difference(trained, model) == 0.0
 
     metrics = read_bytes(join_url(run_url, "metrics.csv"), so).decode().splitlines()
-    assert metrics[0].startswith("step,epoch,loss") and len(metrics) > 1
+    assert metrics[0] == "step,epoch,loss,cosine,mse,lr,samples_per_s,data_wait_fraction,seconds" and len(metrics) > 1
+    epochs = read_bytes(join_url(run_url, "epochs.csv"), so).decode().splitlines()
+    assert [line.split(",")[1] for line in epochs[1:]] == ["0", "1"]  # one row per epoch
 
     for name in ("pca.png", "norms.png", "norm_hist.png", "report.md"):
         assert read_bytes(join_url(cfg.eval_url, name), so)[:4] in (b"\x89PNG", b"# Ev")
