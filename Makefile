@@ -5,11 +5,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/demo.yaml
 ARGS ?=
-# Local runs: no Ray token auth, no usage stats (a cluster sets its own, see cluster/).
-export RAY_AUTH_MODE ?= disabled
-export RAY_USAGE_STATS_ENABLED ?= 0
 
 CONFIG_FLAGS := $(foreach c,$(CONFIG),--config $(c))
+
+ifdef RAY_ADDRESS
+# On a cluster (RAY_ADDRESS = its dashboard URL, e.g. http://head:8265) each stage is a Ray job:
+# the repo is uploaded as its working dir (relative CONFIG paths resolve inside it), logs
+# stream back, and `ray job submit` exits 1 when the job fails, so make fails too.
+# Token auth is the cluster's business: RAY_AUTH_MODE/RAY_AUTH_TOKEN come from your shell.
+STAGE := $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --runtime-env cluster/runtime_env.yaml -- python -m stages
+else
+# Local runs: no Ray token auth, no usage stats.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+STAGE := $(PY) -m stages
+endif
 
 .PHONY: setup demo shard teacher-cache distill export evaluate verify list test bench clean
 
@@ -21,17 +31,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -qq -e '.[test]'
 	touch $@
 
-demo: setup
-	$(PY) -m stages demo $(CONFIG_FLAGS) $(ARGS)
+demo shard teacher-cache distill export evaluate verify list: setup
+	$(STAGE) $@ $(CONFIG_FLAGS) $(ARGS)
 
-shard teacher-cache distill export evaluate verify list: setup
-	$(PY) -m stages $@ $(CONFIG_FLAGS) $(ARGS)
-
+# Tests and benchmarks start their own local Ray, whatever RAY_ADDRESS says.
 test: setup
-	$(PY) -m pytest $(ARGS)
+	env -u RAY_ADDRESS $(PY) -m pytest $(ARGS)
 
 bench: setup
-	$(PY) -m bench.run $(ARGS)
+	env -u RAY_ADDRESS $(PY) -m bench.run $(ARGS)
 
 clean:
 	rm -rf runs bench/work

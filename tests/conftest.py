@@ -24,12 +24,18 @@ from pipeline.config import Config, load_config  # noqa: E402
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 2}
 
 
+def parent(url: str) -> str:
+    """The folder containing `url` (a bucket is its own parent)."""
+    head, _, tail = url.rstrip("/").rpartition("/")
+    return url if head.endswith(":/") else head
+
+
 def tiny_config(root: str, storage_options: dict | None = None, **overrides) -> Config:
     """A full pipeline config on `root` (a folder or an s3:// URL) with a tiny teacher.
     `overrides` are dotted keys, e.g. {"tta.counts": 4}."""
     values = {
         "storage.run_root": root,
-        "storage.extra_roots": [root.rsplit("/", 1)[0]],  # tests keep caches and inputs beside the run
+        "storage.extra_roots": [parent(root)],  # tests keep caches and inputs beside the run
         "storage.storage_options": storage_options or {},
         "shard.input": ["sample:photos"],
         "shard.sample_size": 12,
