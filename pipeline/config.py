@@ -104,7 +104,11 @@ class CacheConfig(Section):
         None, description="Crop of the stored views: 'center', or 'random' along the long side. Default: center for V=1, random otherwise."
     )
     batch_images: int = Field(4, ge=1, description="Images per teacher forward (times `counts` views).")
-    num_actors: int | None = Field(None, ge=1, description="Teacher actors. Default: one per GPU, else one per two CPUs.")
+    num_actors: int | None = Field(None, ge=1, description="Teacher actors. Default: one per GPU, else one per cpus_per_actor CPUs.")
+    use_gpu: bool | None = Field(
+        None, description="One GPU per actor. Default: when the cluster has GPUs as the stage starts (set true on an "
+        "autoscaling cluster that starts without GPU nodes)."
+    )
     cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs each actor reserves (fractions allowed).")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads per actor on the CPU. Default: cpus_per_actor, at least 1.")
     prefetch: int = Field(2, ge=1, description="Batches decoded ahead of the model in each actor.")

@@ -59,13 +59,10 @@ def compute(cfg: Config, store: TargetStore, manifest: Manifest, todo: list[Unit
     if not todo:
         return {"images": 0, "units": 0, "actors": 0, "seconds": 0.0, "images_per_s": 0.0, "stored_bytes": 0}
     init_ray()
-    gpus = cluster_gpus()
-    if cfg.cache.num_actors:
-        n = cfg.cache.num_actors
-    else:
-        n = int(gpus) if gpus >= 1 else max(1, int(cluster_cpus() // cfg.cache.cpus_per_actor))
+    use_gpu = cfg.cache.use_gpu if cfg.cache.use_gpu is not None else cluster_gpus() >= 1
+    n = cfg.cache.num_actors or (max(1, int(cluster_gpus())) if use_gpu else max(1, int(cluster_cpus() // cfg.cache.cpus_per_actor)))
     n = min(n, len(todo))
-    options = {"num_gpus": 1, "num_cpus": cfg.cache.cpus_per_actor} if gpus >= 1 else {"num_cpus": cfg.cache.cpus_per_actor}
+    options = {"num_cpus": cfg.cache.cpus_per_actor, **({"num_gpus": 1} if use_gpu else {})}
     actors = [CacheActor.options(**options).remote(cfg, store, manifest) for _ in range(n)]
     # Several units per task keep an actor's reader, model and writer busy across units;
     # about four tasks per actor still balance the load.
