@@ -185,12 +185,54 @@ class ExportConfig(Section):
 
 
 class EvaluateConfig(Section):
-    num_images: int = Field(8, ge=1, description="Images evaluated, spread evenly over the corpus.")
-    pca_images: int = Field(4, ge=1, description="Images shown in the PCA feature-map figure.")
-    outlier_k: float = Field(6.0, gt=0, description="A token is an outlier when its norm exceeds median + k * MAD of its image.")
-    abs_threshold: float | None = Field(None, gt=0, description="Also count tokens whose norm exceeds this absolute value.")
+    # What is evaluated
+    shards: str | None = Field(
+        None, description="Shard folder (with manifest.json) of the evaluated images, e.g. a held-out set sharded with its own "
+        "shard.output; run teacher-cache with cache.shards=<it> for its targets. Default: the training shards, which the "
+        "student was trained on (the report says so).",
+    )
+    num_images: int = Field(8, ge=1, description="Images evaluated, spread evenly over the evaluated shards.")
     student: str | None = Field(None, description="Exported student folder. Default: this config's export output.")
-    output: str | None = Field(None, description="Report folder. Default: <run_root>/eval/<student.name>.")
+    targets: bool = Field(True, description="Compare with the denoised targets (needs the target store of the evaluated images).")
+    store: str | None = Field(
+        None, description="Target store of the evaluated images. Default: the store of this config's teacher and TTA settings "
+        "for evaluate.shards under cache.root.",
+    )
+    # `model` and `labeled` are not in PATH_FIELDS (a timm name or 'sample:labeled' must stay as it is): the
+    # evaluate stage makes their paths absolute.
+    model: str | None = Field(
+        None, description="Evaluate this one model instead of teacher/targets/student: a timm name (built like the teacher: "
+        "teacher.img_size, teacher.model_kwargs, teacher.init_seed) or an export folder (config.json + model.safetensors).",
+    )
+    checkpoint: str | None = Field(None, description="Weights file for evaluate.model (.safetensors, or .pth/.pt without pickled code).")
+    pretrained: bool = Field(False, description="Load timm's pretrained weights for evaluate.model.")
+    # Artifact tokens
+    outlier_k: float = Field(6.0, gt=0, description="A token is an outlier when its norm exceeds median + k * MAD of its image.")
+    min_mad: float = Field(
+        0.05, ge=0, description="Floor of the MAD as a fraction of the median: nearly constant norms (after a LayerNorm) would "
+        "otherwise make noise outliers. With k=6 an outlier is at least 30% above its image's median.",
+    )
+    residual_block: int | None = Field(
+        -1, description="Block whose output (the residual stream, before the final norm) is also measured for the teacher and "
+        "the student: -1 = last, -2 = second-to-last (where DINOv2-L/g artifacts are usually counted); null skips it.",
+    )
+    abs_threshold: float | None = Field(
+        None, gt=0, description="Also count residual-stream tokens whose norm exceeds this value (registers literature: about "
+        "150 for DINOv2-L/g at the second-to-last block, about 30 for CLIP-B at the last).",
+    )
+    abs_threshold_final: float | None = Field(None, gt=0, description="Also count final-layer tokens whose norm exceeds this value.")
+    # Dense linear probes
+    labeled: str | None = Field(
+        None, description="Labeled set for linear probes (segmentation masks and/or depth maps, layout in README), or "
+        "'sample:labeled' for the small generated one. Default: no probes.",
+    )
+    probe_ridge: float = Field(1e-3, ge=0, description="Ridge penalty of the linear probes, relative to the mean feature energy.")
+    # Running and writing
+    pca_images: int = Field(4, ge=1, description="Images shown in the pictures (PCA feature maps, norm and attention maps).")
+    images_per_task: int = Field(8, ge=1, description="Images per Ray task (each task loads the models once).")
+    output: str | None = Field(
+        None, description="Report folder. Default: <run_root>/eval/<student.name>, or <run_root>/eval/<model> with evaluate.model.",
+    )
 
 
 class Config(Section):
@@ -264,7 +306,7 @@ PATH_FIELDS = [
     ("storage", "run_root"), ("shard", "output"), ("teacher", "checkpoint"), ("student", "checkpoint"),
     ("cache", "shards"), ("cache", "root"),
     ("distill", "store"), ("distill", "output"), ("export", "checkpoint"), ("export", "output"),
-    ("evaluate", "student"), ("evaluate", "output"),
+    ("evaluate", "student"), ("evaluate", "output"), ("evaluate", "shards"), ("evaluate", "store"), ("evaluate", "checkpoint"),
 ]
 
 

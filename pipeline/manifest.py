@@ -123,10 +123,6 @@ class Manifest:
                 out.append(Unit(s * per_shard + k, s, first, count, s * self.capacity + first))
         return out
 
-    def tar_url(self, shard_id: int) -> str:
-        """Location of a shard tar written by the shard stage (external tars: see `record`)."""
-        return join_url(self.url, f"{shard_name(shard_id)}.tar")
-
     def record_url(self, shard_id: int) -> str:
         return join_url(self.url, f"{shard_name(shard_id)}_stats.json")
 

@@ -22,6 +22,7 @@ from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.errors import ConfigError, PipelineError, UnsafeWeightsError
 from pipeline.images import Preprocess
 from pipeline.storage import read_bytes, url_to_fs
+import pipeline.planted  # noqa: F401  (registers the planted-artifact teacher with timm)
 
 
 @dataclass(frozen=True)
@@ -249,3 +250,40 @@ def patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def readout(model: nn.Module, x: torch.Tensor, block: int | None = None):
+    """One forward pass, three views of it (used by the evaluate stage):
+    - final (normed) patch features (N, gh, gw, D), as `patch_features`;
+    - the residual stream after `block` (before the final norm), patch tokens (N, gh, gw, D),
+      or None when `block` is None;
+    - the class token's attention over the patches in the last block, mean over heads
+      (N, gh, gw), or None without a class token or with another attention than timm's
+      plain `Attention` (e.g. rotary position embeddings)."""
+    from timm.layers import Attention
+
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    if block is not None:
+        hooks.append(model.blocks[block].register_forward_hook(lambda m, i, out: captured.__setitem__("residual", out)))
+    attn = model.blocks[-1].attn
+    with_attention = type(attn) is Attention and getattr(model, "cls_token", None) is not None
+    if with_attention:
+        hooks.append(attn.register_forward_pre_hook(lambda m, args: captured.__setitem__("attn_in", args[0])))
+    try:
+        final = patch_features(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    n, gh, gw, _ = final.shape
+    prefix = model.num_prefix_tokens
+    residual = captured["residual"][:, prefix:].reshape(n, gh, gw, -1) if block is not None else None
+    cls_attention = None
+    if with_attention:
+        t = captured["attn_in"]
+        qkv = attn.qkv(t).reshape(n, t.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, tokens)
+        cls_attention = weights[:, :, 0, prefix:].mean(1).reshape(n, gh, gw)
+    return final, residual, cls_attention

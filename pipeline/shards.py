@@ -98,19 +98,3 @@ def read_images(manifest, indices: Sequence[int], storage_options=None) -> list[
         for (order, _), data in zip(items, images):
             out[order] = data
     return out
-
-
-def read_tar(url: str, storage_options=None) -> list[Sample]:
-    """Every sample of a tar we wrote (tests and tools; stages read by byte range)."""
-    from pipeline.storage import read_bytes
-
-    data = read_bytes(url, storage_options)
-    samples = {}
-    for m in index_tar(io.BytesIO(data)):
-        part = data[m.offset:m.offset + m.size]
-        sample = samples.setdefault(m.key, Sample(m.key, b"", {}))
-        if m.ext in IMAGE_EXTENSIONS and not sample.image:
-            sample.image = part
-        elif m.ext == "json":
-            sample.meta = json.loads(part)
-    return list(samples.values())

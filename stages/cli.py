@@ -22,7 +22,7 @@ COMMANDS = {
     "distill": ("Target store -> student checkpoints (Ray Train).",
                 ["storage", "shard", "teacher", "tta", "cache", "student", "distill", "students"]),
     "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export", "students"]),
-    "evaluate": ("Teacher vs targets vs student: norms, outliers, PCA pictures.",
+    "evaluate": ("Artifact tokens, target fidelity, linear probes and pictures: teacher vs targets vs student, or one model.",
                  ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "students"]),
     "verify": ("Check a target store against its manifest; exit non-zero on any problem.",
                ["storage", "shard", "teacher", "tta", "cache", "distill"]),
