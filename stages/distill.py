@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import checkpoint
+from pipeline import checkpoint, figures
 from pipeline.config import Config, expand_students
 from pipeline.errors import ConfigError
 from pipeline.images import Preprocess
@@ -318,6 +318,8 @@ def train_loop(job: dict) -> None:
             row = whole_epoch.row(step, epoch, lr, d.batch_size * world, device)
             if rank == 0:
                 epochs_log.append(row)
+    if rank == 0 and log.rows:
+        figures.training_curves(log.rows, join_url(job["run"], "loss.png"), so, title=f"Distillation of {cfg.student.name}")
 
 
 def _report(metrics: dict, rank: int, student, projection, optimizer, cfg: Config, step: int, epoch: int, total: int,

@@ -32,8 +32,13 @@ def corpus(tmp_path_factory, ray_local):
     return root
 
 
+def _cache(corpus: str, tmp_path) -> str:
+    """A cache root of this test's own inside the shared corpus's run root."""
+    return os.path.join(corpus, "caches", tmp_path.name)
+
+
 def test_verify_passes_and_names_each_problem(corpus, tmp_path):
-    cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "cache")})
+    cfg = tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path)})
     store = teacher_cache.run(cfg)
     assert caches.verify(cfg) == []
 
@@ -56,20 +61,20 @@ def test_verify_passes_and_names_each_problem(corpus, tmp_path):
 
 
 def test_cli_verify_exits_non_zero(corpus, tmp_path):
-    cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "cache")})
+    cfg = tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path)})
     teacher_cache.run(cfg)
-    args = [sys.executable, "-m", "stages", "verify", "--storage.run_root", corpus, "--cache.root", str(tmp_path / "cache"),
+    args = [sys.executable, "-m", "stages", "verify", "--storage.run_root", corpus, "--cache.root", _cache(corpus, tmp_path),
             *_flags(cfg)]
     ok = subprocess.run(args, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    store_url = os.path.join(str(tmp_path / "cache"), os.listdir(tmp_path / "cache")[0])
+    store_url = os.path.join(_cache(corpus, tmp_path), os.listdir(_cache(corpus, tmp_path))[0])
     os.remove(os.path.join(store_url, "complete", "00000000.json"))
     bad = subprocess.run(args, capture_output=True, text=True)
     assert bad.returncode == 2 and "no completion marker" in bad.stderr
 
 
 def test_list_shows_side_by_side_stores(corpus, tmp_path):
-    root = str(tmp_path / "cache")
+    root = _cache(corpus, tmp_path)
     a = tiny_config(corpus, **{"cache.root": root})
     b = tiny_config(corpus, **{"cache.root": root, "tta.counts": 2, "cache.dtype": "int8"})
     teacher_cache.run(a)
@@ -82,7 +87,7 @@ def test_list_shows_side_by_side_stores(corpus, tmp_path):
 def test_storage_types_are_faithful(corpus, tmp_path):
     stores = {}
     for dtype in ("float32", "float16", "bfloat16", "int8"):
-        cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "c"), "cache.dtype": dtype})
+        cfg = tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path), "cache.dtype": dtype})
         stores[dtype] = teacher_cache.run(cfg)
     reference = stores["float32"].read(slice(0, 12), 0)
     for dtype, store in stores.items():
@@ -93,7 +98,7 @@ def test_storage_types_are_faithful(corpus, tmp_path):
 
 
 def test_variants_have_their_own_crops_and_views(corpus, tmp_path):
-    cfg = tiny_config(corpus, **{"cache.root": str(tmp_path / "c"), "cache.variants": 2})
+    cfg = tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path), "cache.variants": 2})
     assert cfg.cache.crop_mode == "random"
     store = teacher_cache.run(cfg)
     boxes = store.group["boxes"][0:4]
@@ -108,7 +113,7 @@ def test_variants_have_their_own_crops_and_views(corpus, tmp_path):
 
 def test_xarray_reads_the_store(corpus, tmp_path):
     xr = pytest.importorskip("xarray")
-    store = teacher_cache.run(tiny_config(corpus, **{"cache.root": str(tmp_path / "c")}))
+    store = teacher_cache.run(tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path)}))
     ds = xr.open_zarr(store.zarr_url, zarr_format=3, consolidated=False)
     assert ds["targets"].dims == ("row", "variant", "y", "x", "channel")
     assert ds["targets"].shape == (12, 1, 4, 4, 48)

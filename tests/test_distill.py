@@ -77,11 +77,12 @@ def test_joint_flip_mirrors_image_and_target(cached):
 
 
 def test_online_mode_trains_without_a_store(cached, tmp_path):
-    cfg = tiny_config(cached, **{"distill.targets": "online", "cache.root": str(tmp_path / "no-cache"),
-                                 "student.name": "online", "distill.epochs": 1})
+    no_cache = os.path.join(cached, "no-cache")
+    cfg = tiny_config(cached, **{"distill.targets": "online", "cache.root": no_cache, "student.name": "online",
+                                 "distill.epochs": 1})
     (result,) = distill.run(cfg)
     assert result.metrics["step"] == 6
-    assert not os.path.exists(tmp_path / "no-cache")
+    assert not os.path.exists(no_cache)
     state = json.load(open(os.path.join(result.checkpoint.path, "state.json")))
     assert state["targets"] == "online" and state["store"] is None
 

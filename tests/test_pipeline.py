@@ -38,7 +38,7 @@ def check_outputs(cfg, manifest, store, export_url, report):
     assert manifest.num_images == 12 and manifest.shard_ids == [0, 1, 2]
 
     # the tars are plain WebDataset shards
-    fs, path = url_to_fs(manifest.tar_url(0), so)
+    fs, path = url_to_fs(manifest.record(0, so).tar, so)
     with tempfile.TemporaryDirectory() as tmp:
         fs.get_file(path, os.path.join(tmp, "00000.tar"))
         samples = list(wds.WebDataset(os.path.join(tmp, "00000.tar"), shardshuffle=False))
@@ -71,6 +71,7 @@ def check_outputs(cfg, manifest, store, export_url, report):
     assert metrics[0] == "step,epoch,loss,cosine,mse,lr,samples_per_s,data_wait_fraction,seconds" and len(metrics) > 1
     epochs = read_bytes(join_url(run_url, "epochs.csv"), so).decode().splitlines()
     assert [line.split(",")[1] for line in epochs[1:]] == ["0", "1"]  # one row per epoch
+    assert read_bytes(join_url(run_url, "loss.png"), so)[:4] == b"\x89PNG"
 
     for name in ("pca.png", "norms.png", "norm_hist.png", "report.md"):
         assert read_bytes(join_url(cfg.eval_url, name), so)[:4] in (b"\x89PNG", b"# Ev")
