@@ -94,9 +94,12 @@ def teacher_cache(work: Path, s3: S3) -> dict:
     out = {}
     shutil.rmtree(work / "tc", ignore_errors=True)
     settings = {**TINY_TEACHER, "shard.sample_size": 48, "shard.shard_size": 8, "tta.counts": 10,
-                "cache.batch_images": 2, "cache.num_actors": 2, "cache.cpus_per_actor": 1, "cache.threads_per_actor": 1}
+                "cache.batch_images": 2, "cache.num_actors": 2, "cache.cpus_per_actor": 1, "cache.threads_per_actor": 1,
+                # one task of 3 units per actor: the steady state of a large corpus, where each task holds
+                # up to 16 units and the reader and writer overlap across them
+                "cache.units_per_task": 3}
     roots = {"local": str(work / "tc"), "s3": f"{s3.bucket('bench-tc')}/tc"}
-    bounds, rates = [], {}
+    bounds, rates, driver_cpu = [], {}, {}
     for where, root in [("local", roots["local"]), ("s3", roots["s3"]), ("local2", roots["local"])]:
         opts = s3.options if where == "s3" else {}
         cfg = load_config([], {**settings, "storage.run_root": root, "storage.storage_options": opts,
@@ -105,8 +108,9 @@ def teacher_cache(work: Path, s3: S3) -> dict:
             shard.run(cfg)
         bounds.append(forward_bound(cfg, actors=2, images_each=24))
         manifest, store, todo = stage.plan(cfg)
+        cpu = time.process_time()  # this process also serves the S3 endpoint: its CPU is taken from the actors
         stats = stage.compute(cfg, store, manifest, todo)
-        rates[where] = stats["images_per_s"]
+        rates[where], driver_cpu[where] = stats["images_per_s"], (time.process_time() - cpu) / stats["seconds"]
     bound = float(np.mean(bounds))
     local = float(np.mean([rates["local"], rates["local2"]]))
     out["teacher_cache_forward_bound_images_per_s"] = round(bound, 3)
@@ -114,6 +118,7 @@ def teacher_cache(work: Path, s3: S3) -> dict:
     out["teacher_cache_efficiency"] = round(local / bound, 3)
     out["teacher_cache_images_per_s_s3"] = round(rates["s3"], 3)
     out["teacher_cache_efficiency_s3"] = round(rates["s3"] / bound, 3)
+    out["teacher_cache_endpoint_cpu_share_s3"] = round((driver_cpu["s3"] - driver_cpu["local"]) / (os.cpu_count() or 1), 3)
     return out
 
 
@@ -303,6 +308,47 @@ def distill_speed(work: Path, s3: S3) -> dict:
     return out
 
 
+def caching_price(work: Path) -> dict:
+    """Online targets (fresh crops and views every epoch, the reference) vs cached V=1 (centre
+    crop) vs cached V=4 (random crops): same planted-artifact teacher, same 48 training images,
+    same steps; fidelity and outliers measured on 16 held-out images against their V=1 targets."""
+    from bench.planted import CONFIGS, HELDOUT_IMAGES, HELDOUT_SEED
+    from pipeline.sample_corpus import write_sample_corpus
+    from pipeline.storage import join_url
+    from stages import distill, evaluate, export, shard, teacher_cache
+
+    root = work / "caching"
+    shutil.rmtree(root, ignore_errors=True)
+    heldout_shards = str(root / "heldout_shards")
+    photos = write_sample_corpus(str(root / "heldout_photos"), HELDOUT_IMAGES, seed=HELDOUT_SEED)
+    base = {"storage.run_root": str(root), "distill.epochs": 40, "evaluate.labeled": None}
+    heldout = load_config(CONFIGS, {**base, "shard.input": [photos], "shard.output": heldout_shards, "cache.shards": heldout_shards})
+    shard.run(load_config(CONFIGS, base))
+    shard.run(heldout)
+    heldout_store = teacher_cache.run(heldout).url
+    students = {
+        "online": {"distill.targets": "online"},
+        "cached_v1": {},
+        "cached_v4": {"cache.variants": 4},
+    }
+    out = {}
+    for name, extra in students.items():
+        cfg = load_config(CONFIGS, {**base, **extra, "student.name": name, "evaluate.shards": heldout_shards,
+                                    "evaluate.store": heldout_store, "evaluate.num_images": HELDOUT_IMAGES})
+        if extra.get("distill.targets") != "online":
+            teacher_cache.run(cfg)
+        distill.run(cfg)
+        export.run(cfg)
+        report = evaluate.run(cfg)
+        samples_per_s, _ = _steady_rate(join_url(cfg.students_url, name))
+        out[f"caching_cosine_heldout_{name}"] = round(report["fidelity"]["student"]["cosine"], 4)
+        out[f"caching_outliers_heldout_{name}"] = round(report["norms"]["student"]["outliers_per_image"], 3)
+        out[f"caching_samples_per_s_{name}"] = round(samples_per_s, 2)
+    out["caching_cosine_heldout_teacher"] = round(report["fidelity"]["teacher"]["cosine"], 4)
+    out["caching_outliers_heldout_teacher"] = round(report["norms"]["teacher"]["outliers_per_image"], 3)
+    return out
+
+
 def planted(work: Path) -> dict:
     from bench.planted import planted_outliers
 
@@ -310,7 +356,7 @@ def planted(work: Path) -> dict:
 
 
 SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,
-            "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted}
+            "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted, "caching": caching_price}
 
 
 def main() -> None:

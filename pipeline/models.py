@@ -248,9 +248,6 @@ def patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(x.shape[0], gh, gw, tokens.shape[-1])
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 @torch.inference_mode()
 def readout(model: nn.Module, x: torch.Tensor, block: int | None = None):

@@ -275,49 +275,53 @@ def train_loop(job: dict) -> None:
         if step:
             print(f"[distill] {cfg.student.name}: resuming at step {step}/{total}", flush=True)
 
-    window, whole_epoch = Meter(), Meter()
-    while step < total:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        plan = skip(epoch_plan(counts, epoch, d.seed, rank, world), done_in_epoch * d.batch_size)
-        stream = prefetch(batches(source.examples(plan, epoch), d.batch_size), depth=d.prefetch)
-        whole_epoch.reset()
-        while True:
-            t_wait = time.perf_counter()
-            batch = next(stream, None)
-            if batch is None:
-                break
-            waited = time.perf_counter() - t_wait
-            if device.type == "cuda":
-                batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
-            images = batch[0].to(device, non_blocking=True)
-            targets = targets_of((images, *batch[1:]))
-            lr = exp_decay_lr(step, total, d.lr, d.final_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                pred = model(images)
-            loss, cos, mse = distill_loss(pred, targets, d.mse_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            values = (loss.item(), cos.item(), mse.item())
-            window.add(values, waited)
-            whole_epoch.add(values, waited)
+    def epoch_batches():
+        """(epoch, batch) from the resume point to the end: one stream across epochs, so the
+        reader prepares the next epoch's first batches while this epoch's last ones train."""
+        first, done = divmod(step, steps_per_epoch)
+        for epoch in range(first, d.epochs):
+            plan = skip(epoch_plan(counts, epoch, d.seed, rank, world), (done if epoch == first else 0) * d.batch_size)
+            for batch in batches(source.examples(plan, epoch), d.batch_size):
+                yield epoch, batch
 
-            save = step % d.checkpoint_every == 0 or step == total
-            if step % d.log_every == 0 or save:
-                row = window.row(step, epoch, lr, d.batch_size * world, device)
-                if rank == 0:
-                    log.append(row)
-                window.reset()
-            if save:
-                _report(row, rank, student, projection, optimizer, cfg, step, epoch, total, job["store"])
-        stream.close()
-        if whole_epoch.steps:
+    window, whole_epoch = Meter(), Meter()
+    stream = prefetch(epoch_batches(), depth=d.prefetch)
+    while step < total:
+        t_wait = time.perf_counter()
+        epoch, batch = next(stream)
+        waited = time.perf_counter() - t_wait
+        if device.type == "cuda":
+            batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
+        images = batch[0].to(device, non_blocking=True)
+        targets = targets_of((images, *batch[1:]))
+        lr = exp_decay_lr(step, total, d.lr, d.final_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            pred = model(images)
+        loss, cos, mse = distill_loss(pred, targets, d.mse_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        values = (loss.item(), cos.item(), mse.item())
+        window.add(values, waited)
+        whole_epoch.add(values, waited)
+
+        save = step % d.checkpoint_every == 0 or step == total
+        if step % d.log_every == 0 or save:
+            row = window.row(step, epoch, lr, d.batch_size * world, device)
+            if rank == 0:
+                log.append(row)
+            window.reset()
+        if save:
+            _report(row, rank, student, projection, optimizer, cfg, step, epoch, total, job["store"])
+        if step % steps_per_epoch == 0:
             row = whole_epoch.row(step, epoch, lr, d.batch_size * world, device)
             if rank == 0:
                 epochs_log.append(row)
+            whole_epoch.reset()
+    stream.close()
     if rank == 0 and log.rows:
         figures.training_curves(log.rows, join_url(job["run"], "loss.png"), so, title=f"Distillation of {cfg.student.name}")
 

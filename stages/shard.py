@@ -18,7 +18,7 @@ import ray
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.ingest import (
-    build_shard, corpus_id, digest, index_external_tar, input_kind, list_inputs, plan_shards, preprocessing,
+    build_shard, corpus_id, index_external_tar, input_kind, list_inputs, plan_shards, preprocessing,
     record_url, resume_state,
 )
 from pipeline.manifest import Manifest, unit_rows_for

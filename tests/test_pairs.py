@@ -1,7 +1,6 @@
 """The distillation data plan: every rank the same number of samples, shard locality, resume."""
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from pipeline.pairs import epoch_plan, samples_per_rank, skip

@@ -8,7 +8,6 @@ import tempfile
 import numpy as np
 import pytest
 import timm
-import torch
 import webdataset as wds
 import zarr
 
