@@ -44,7 +44,7 @@ class S3:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server._server.server_address
-        self.options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}, "skip_instance_cache": True}
+        self.options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
 
     def bucket(self, name: str) -> str:
         import s3fs

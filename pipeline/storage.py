@@ -42,13 +42,17 @@ def join_url(base: str, *parts: str) -> str:
 # Object stores fail transiently (5xx, throttling, dropped connections); botocore's
 # "standard" retry mode backs off and retries all of these. A user's own setting wins.
 S3_DEFAULTS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+# Other processes write markers, leases and shards while this one runs: a cached directory
+# listing would hide them. Without listing caches the per-process filesystem instances can
+# be reused safely (a new S3 client per call costs ~0.1 s of CPU in service-model parsing).
+REMOTE_DEFAULTS = {"use_listings_cache": False}
 
 
 def fs_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """The fsspec options for `url`: the user's, over the defaults for its protocol."""
     if not has_scheme(url):
         return {}
-    options = dict(storage_options or {})
+    options = {**REMOTE_DEFAULTS, **(storage_options or {})}
     if url.split("://", 1)[0] in ("s3", "s3a"):
         config = {**S3_DEFAULTS["config_kwargs"], **options.get("config_kwargs", {})}
         options["config_kwargs"] = config

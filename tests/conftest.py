@@ -90,7 +90,7 @@ def s3_bucket(s3_endpoint):
     """A fresh bucket; returns (s3://bucket URL, storage_options)."""
     import s3fs
 
-    options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
     name = f"test-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(**options).mkdir(name)
     yield f"s3://{name}", options

@@ -39,8 +39,8 @@ def _bucket(options) -> str:
 
 
 def test_flaky_storage_every_stage_retries_and_finishes(proxy, ray_local):
-    options = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True}
-    root = _bucket({"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True}) + "/run"
+    options = {"client_kwargs": {"endpoint_url": proxy.url}}
+    root = _bucket({"client_kwargs": {"endpoint_url": proxy.url}}) + "/run"
     proxy.error_rate, proxy.drop_rate = 0.1, 0.05  # one request in seven fails
     cfg = tiny_config(root, options, **{"distill.epochs": 1})
     shard.run(cfg)
@@ -54,7 +54,7 @@ def test_flaky_storage_every_stage_retries_and_finishes(proxy, ray_local):
 
 
 def test_dead_storage_fails_with_a_clear_message_and_marks_nothing(proxy, ray_local, tmp_path):
-    options = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True,
+    options = {"client_kwargs": {"endpoint_url": proxy.url},
                "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
     root = _bucket(options) + "/run"
     cfg = tiny_config(root, options)
@@ -137,7 +137,7 @@ def test_no_secret_reaches_a_file_or_a_log(s3_endpoint, ray_local, tmp_path, cap
     secret_env, secret_option = "PLANTED-ENV-SECRET-7f3a", "PLANTED-OPTION-SECRET-91c2"
     os.environ["AWS_SESSION_TOKEN"] = secret_env  # moto ignores it; botocore sends it on every request
     try:
-        options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True,
+        options = {"client_kwargs": {"endpoint_url": s3_endpoint},
                    "key": "testing", "secret": secret_option}
         root = _bucket(options) + "/run"
         cfg = tiny_config(root, options, **{"distill.epochs": 1})
