@@ -140,12 +140,14 @@ def _slow(cached, name, **extra):
 
 
 def _past_first_checkpoint(cfg) -> bool:
-    """Training logged a step after its first checkpoint (so Ray Train has registered it)."""
+    """Ray Train's controller has registered a checkpoint. A checkpoint folder on storage, or
+    a step logged after it, is not enough: the controller registers reports when it next
+    polls the workers, and a worker killed before that restarts from the previous one."""
     try:
-        lines = open(join_url(cfg.students_url, cfg.student.name, "metrics.csv")).read().splitlines()[1:]
-    except FileNotFoundError:
+        snapshot = json.loads(open(join_url(cfg.students_url, cfg.student.name, "checkpoint_manager_snapshot.json")).read())
+    except (FileNotFoundError, json.JSONDecodeError):
         return False
-    return any(int(line.split(",")[0]) > cfg.distill.checkpoint_every for line in lines)
+    return snapshot.get("latest_checkpoint_result") is not None
 
 
 def test_killed_worker_restores_from_checkpoint(cached):
