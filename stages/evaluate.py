@@ -23,46 +23,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import torch
-from PIL import Image
-from torch import nn
 
 from pipeline import figures, metrics
 from pipeline.config import Config, TeacherConfig, expand_students
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.export import load_exported_features
-from pipeline.images import INTERPOLATIONS, Preprocess, crop_box, decode_rgb
+from pipeline.evaluation import TARGET, MeasureJob, ModelRef, ProbeJob, combine, measure, merge_sums, probe, resized
+from pipeline.images import INTERPOLATIONS, Preprocess, crop_box
 from pipeline.labeled import SAMPLE as SAMPLE_LABELED
-from pipeline.labeled import LabeledItem, LabeledSet, load_item, open_labeled, write_labeled_sample
+from pipeline.labeled import LabeledSet, load_item, open_labeled, write_labeled_sample
 from pipeline.manifest import Manifest
-from pipeline.models import PatchFeatures, describe_teacher, load_teacher, readout
+from pipeline.models import describe_teacher
 from pipeline.probes import ProbeSums, iou_per_class, mean_iou
-from pipeline.shards import read_images
+from pipeline.report import markdown, table
 from pipeline.storage import absolute, exists, has_scheme, join_url, read_json, write_bytes_atomic
 from pipeline.target_store import TargetStore, find_store
 from stages.runtime import init_ray, progress, say
 
-TARGET = "target"
-ORDER = ("teacher", TARGET, "student")  # columns, rows and colours follow this order
-BATCH = 8  # images per forward inside a task
-
 
 # --- what is evaluated -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model a Ray task loads by itself: a teacher config, or an export folder."""
-
-    name: str
-    teacher: dict | None = None  # TeacherConfig as JSON
-    export: str | None = None
-
-    def load(self, storage_options=None) -> PatchFeatures:
-        """The timm model (`.model`) with the projection to the teacher's width an export of a
-        narrower student carries (`.projection`, else None)."""
-        if self.export:
-            return load_exported_features(self.export, storage_options)
-        return PatchFeatures(load_teacher(TeacherConfig.model_validate(self.teacher), storage_options))
-
 
 @dataclass
 class Plan:
@@ -166,70 +144,6 @@ def pipeline_plan(cfg: Config, manifest: Manifest, indices: list[int]) -> Plan:
 
 # --- per-image measurements (a Ray task per group of images of one shard) -----------------
 
-@dataclass
-class MeasureJob:
-    manifest: Manifest
-    shard: int
-    indices: list[int]
-    pictured: list[int]  # indices whose features and pixels come back for the pictures
-    store: TargetStore | None
-    preprocess: Preprocess
-    models: list[ModelRef]
-    block: int | None
-    storage_options: dict
-
-
-def block_index(model: nn.Module, block: int, name: str) -> int:
-    """The index `evaluate.residual_block` names in this model (-2 -> depth - 2)."""
-    try:
-        return range(len(model.blocks))[block]
-    except IndexError:
-        raise ConfigError(f"evaluate.residual_block={block}, but {name} has {len(model.blocks)} blocks") from None
-
-
-def _batched_readout(model: nn.Module, x: torch.Tensor, block: int | None):
-    parts = [readout(model, x[i:i + BATCH], block) for i in range(0, len(x), BATCH)]
-    return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
-
-
-def measure(job: MeasureJob) -> dict:
-    """Norm maps (final layer, residual stream), class-token attention maps and fidelity to the
-    targets of every image of the job, plus features and pixels of the pictured ones."""
-    so = job.storage_options
-    images = [decode_rgb(data) for data in read_images(job.manifest, job.indices, so)]
-    if job.store is not None:
-        boxes = job.store.read_boxes(np.array(job.indices), 0)
-    else:
-        boxes = [crop_box(img.width, img.height, job.preprocess.size, "center") for img in images]
-    x = torch.stack([job.preprocess(img, box) for img, box in zip(images, boxes)])
-    shown = [i for i, index in enumerate(job.indices) if index in job.pictured]
-    h, w = job.preprocess.size
-    out = {"indices": job.indices, "block": None, "final": {}, "residual": {}, "attention": {}, "cosine": {}, "mse": {}, "features": {},
-           "pixels": [np.asarray(images[i].resize((w, h), box=tuple(map(float, boxes[i])))) for i in shown]}
-    target = torch.from_numpy(job.store.read(np.array(job.indices), 0)) if job.store is not None else None
-    if target is not None:
-        out["final"][TARGET] = metrics.token_norms(target).numpy()
-        out["features"][TARGET] = target[shown].numpy()
-    for ref in job.models:
-        loaded = ref.load(so)
-        if job.block is not None:
-            out["block"] = block_index(loaded.model, job.block, ref.name)
-        # norms, outliers and attention are the model's own; pictures and fidelity compare in the teacher's space
-        final, residual, attention = _batched_readout(loaded.model, x, job.block)
-        with torch.inference_mode():
-            comparable = final if loaded.projection is None else loaded.projection(final)
-        out["final"][ref.name] = metrics.token_norms(final).numpy()
-        out["features"][ref.name] = comparable[shown].numpy()
-        if residual is not None:
-            out["residual"][ref.name] = metrics.token_norms(residual).numpy()
-        if attention is not None:
-            out["attention"][ref.name] = attention.numpy()
-        if target is not None:
-            out["cosine"][ref.name] = metrics.cosine_per_image(comparable, target).numpy()
-            out["mse"][ref.name] = metrics.mse_per_image(comparable, target).numpy()
-    return out
-
-
 @ray.remote(num_cpus=1, max_retries=2)
 def _measure(job: MeasureJob) -> dict:
     return measure(job)
@@ -244,62 +158,7 @@ def measure_jobs(p: Plan, block: int | None, pictures: int, per_task: int, so) -
             for shard, group in by_shard.items() for i in range(0, len(group), per_task)]
 
 
-def combine(parts: list[dict]) -> dict:
-    """Task results -> one dict of arrays in index order."""
-    parts = sorted(parts, key=lambda r: r["indices"][0])
-    out = {"indices": [i for r in parts for i in r["indices"]], "pixels": [px for r in parts for px in r["pixels"]],
-           "block": parts[0]["block"]}
-    for key in ("final", "residual", "attention", "cosine", "mse", "features"):
-        names = sorted(parts[0][key], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
-        out[key] = {name: np.concatenate([r[key][name] for r in parts]) for name in names}
-    return out
-
-
 # --- linear probes (Ray tasks over groups of labeled images) ------------------------------
-
-@dataclass
-class ProbeJob:
-    labeled: LabeledSet
-    items: list[LabeledItem]
-    preprocess: Preprocess
-    models: list[ModelRef]
-    weights: dict | None  # None: accumulate fit sums; else {model: {"seg": W, "depth": W}}: score
-    examples: list[str]  # item ids whose predictions come back for the pictures
-    storage_options: dict
-
-
-def _resized(arr: np.ndarray, box, size: tuple[int, int]) -> np.ndarray:
-    """A label or depth map cropped to `box` and resized to (h, w) with nearest neighbour."""
-    h, w = size
-    img = Image.fromarray(arr.astype(np.int32) if arr.dtype.kind in "iu" else arr.astype(np.float32))
-    return np.array(img.resize((w, h), Image.Resampling.NEAREST, box=tuple(map(float, box))))
-
-
-def probe(job: ProbeJob) -> dict[str, ProbeSums]:
-    """Fit sums (no weights yet) or val scores of every model on the job's labeled images."""
-    so, labeled, size = job.storage_options, job.labeled, job.preprocess.size
-    xs, masks, depths = [], [], []
-    for item in job.items:
-        img, mask, depth = load_item(item, labeled, so)
-        box = crop_box(img.width, img.height, size, "center")
-        xs.append(job.preprocess(img, box))
-        masks.append(None if mask is None else torch.from_numpy(_resized(mask, box, size).astype(np.int64)))
-        depths.append(None if depth is None else torch.from_numpy(_resized(depth, box, size)))
-    num_classes = len(labeled.classes or [])
-    out = {}
-    for ref in job.models:
-        model = ref.load(so).model  # the probe reads the model's own features, whatever their width
-        feats = _batched_readout(model, torch.stack(xs), None)[0]
-        sums = ProbeSums()
-        for item, f, mask, depth in zip(job.items, feats, masks, depths):
-            if job.weights is None:
-                sums.add_fit(f, mask, depth, tuple(model.patch_embed.patch_size), num_classes, labeled.ignore_index)
-            else:
-                sums.add_scores(f, mask, depth, job.weights[ref.name], num_classes, labeled.ignore_index,
-                                item.id if item.id in job.examples else None)
-        out[ref.name] = sums
-    return out
-
 
 @ray.remote(num_cpus=1, max_retries=2)
 def _probe(job: ProbeJob) -> dict[str, ProbeSums]:
@@ -321,12 +180,12 @@ def run_probes(cfg: Config, p: Plan, output: str) -> dict | None:
     fits = _gather([_probe.remote(j) for j in jobs("train", None, [])], "probe fit")
     weights = {}
     for ref in p.models:
-        total = _merge(f[ref.name] for f in fits)
+        total = merge_sums(f[ref.name] for f in fits)
         weights[ref.name] = {k: s.solve(e.probe_ridge) for k, s in (("seg", total.seg_fit), ("depth", total.depth_fit)) if s}
     k = e.pca_images
     examples = [it.id for it in labeled.with_masks("val")[:k]] + [it.id for it in labeled.with_depth("val")[:k]]
     scored = _gather([_probe.remote(j) for j in jobs("val", weights, examples)], "probe val")
-    results = {ref.name: _merge(s[ref.name] for s in scored) for ref in p.models}
+    results = {ref.name: merge_sums(s[ref.name] for s in scored) for ref in p.models}
 
     report = {"labeled": url, "protocol": "ridge regression on final-layer patch features (patch-level targets), "
               "predictions upsampled bilinearly to the model's input pixels", "ridge": e.probe_ridge, "models": {}}
@@ -344,13 +203,6 @@ def run_probes(cfg: Config, p: Plan, output: str) -> dict | None:
     return report
 
 
-def _merge(sums) -> ProbeSums:
-    total = ProbeSums()
-    for s in sums:
-        total = total.merge(s)
-    return total
-
-
 def _probe_figures(labeled: LabeledSet, p: Plan, results: dict[str, ProbeSums], examples: list[str], output: str,
                    so) -> list[str]:
     """Val images, ground truth and every model's probe prediction; returns the files written."""
@@ -365,7 +217,7 @@ def _probe_figures(labeled: LabeledSet, p: Plan, results: dict[str, ProbeSums], 
             box = crop_box(img.width, img.height, p.preprocess.size, "center")
             h, w = p.preprocess.size
             pixels.append(np.asarray(img.resize((w, h), box=tuple(map(float, box)))))
-            truth.append(_resized(mask if kind == "seg" else depth, box, p.preprocess.size))
+            truth.append(resized(mask if kind == "seg" else depth, box, p.preprocess.size))
         columns = {"ground truth": np.stack(truth), **{f"{m} probe": np.stack([results[m].examples[i][kind] for i in ids])
                                                        for m in results}}
         url = join_url(output, ext)
@@ -499,73 +351,3 @@ def draw(cfg: Config, p: Plan, data: dict, report: dict) -> None:
                          title="Class-token attention over patches, last block, mean over heads (final-layer outliers outlined)",
                          label="attention", vmin=0,
                          marks={f"{n} CLS attention": final_masks[n][:k].numpy() for n in data["attention"]})
-
-
-# --- the report ---------------------------------------------------------------------------
-
-def _f(value, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def table(report: dict) -> str:
-    """Final-layer norms and outliers per model (printed by the demo)."""
-    rows = ["| model | mean norm | max norm | outliers / image | abs. outliers / image | cosine to target |",
-            "|---|---|---|---|---|---|"]
-    for name, s in report["norms"].items():
-        cos = 1.0 if name == TARGET else report.get("cosine_to_target", {}).get(name)
-        rows.append(f"| {name} | {s['norm_mean']:.2f} | {s['norm_max']:.2f} | {s['outliers_per_image']:.2f} | "
-                    f"{_f(s.get('abs_outliers_per_image'))} | {_f(cos, 4)} |")
-    return "\n".join(rows)
-
-
-def _norm_table(norms: dict) -> str:
-    rows = ["| model | mean | median | p99 | max | outliers / image | max / image | outlier fraction | abs. outliers / image |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for name, s in norms.items():
-        rows.append(f"| {name} | {s['norm_mean']:.2f} | {s['norm_median']:.2f} | {s['norm_p99']:.2f} | {s['norm_max']:.2f} | "
-                    f"{s['outliers_per_image']:.2f} | {s['outliers_per_image_max']:.0f} | {s['outlier_fraction']:.4f} | "
-                    f"{_f(s.get('abs_outliers_per_image'))} |")
-    return "\n".join(rows)
-
-
-def markdown(report: dict) -> str:
-    img, rule, figs = report["images"], report["outlier_rule"], report.get("figures", {})
-    lines = ["# Evaluation", ""]
-    lines += [f"- **{name}**: {what}" for name, what in report["models"].items()]
-    lines += [f"- **images**: {img['count']} from `{img['shards']}` (corpus {img['corpus_id']}, global indices "
-              f"{img['indices'][0]}..{img['indices'][-1]})"]
-    if img["note"]:
-        lines += [f"- **note**: {img['note']}"]
-    lines += [f"- **outliers**: {rule['relative']}; absolute thresholds: final layer {rule['abs_threshold_final']}, "
-              f"residual stream {rule['abs_threshold_residual']}", ""]
-    lines += ["## Artifact tokens: final (normed) layer", "", _norm_table(report["norms"]), ""]
-    if report["residual"]["norms"]:
-        lines += [f"## Artifact tokens: residual stream after block {report['residual']['block']} (before the final norm)", "",
-                  _norm_table(report["residual"]["norms"]), ""]
-    if report["fidelity"]:
-        lines += ["## Fidelity to the denoised targets", "", "| model | cosine | MSE |", "|---|---|---|"]
-        lines += [f"| {n} | {f['cosine']:.4f} | {f['mse']:.4f} |" for n, f in report["fidelity"].items()] + [""]
-    if report["attention"]:
-        lines += ["## Class-token attention on outliers (last block)", "",
-                  "Share of the class token's attention over patches that falls on outlier tokens; the outlier fraction is "
-                  "what uniform attention would give.", "",
-                  "| model | on final-layer outliers | final outlier fraction | on residual outliers | residual outlier fraction |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {n} | {_f(a['on_final_outliers'], 3)} | {_f(a['final_outlier_fraction'], 3)} | "
-                  f"{_f(a.get('on_residual_outliers'), 3)} | {_f(a.get('residual_outlier_fraction'), 3)} |"
-                  for n, a in report["attention"].items()] + [""]
-    probes = report.get("probes")
-    if probes:
-        lines += ["## Dense linear probes", "", f"Labeled set `{probes['labeled']}` ({probes['splits']}); {probes['protocol']}; "
-                  f"ridge {probes['ridge']:g}.", "",
-                  "| model | seg. mIoU | seg. pixel acc. | depth RMSE (m) | depth AbsRel | depth δ<1.25 |", "|---|---|---|---|---|---|"]
-        for n, r in probes["models"].items():
-            s, d = r.get("segmentation", {}), r.get("depth", {})
-            lines.append(f"| {n} | {_f(s.get('miou'), 3)} | {_f(s.get('pixel_accuracy'), 3)} | {_f(d.get('rmse'), 3)} | "
-                         f"{_f(d.get('abs_rel'), 3)} | {_f(d.get('delta_1.25'), 3)} |")
-        lines.append("")
-        lines += [f"![{name}]({name})" for name in probes["figures"]] + [""]
-    lines += ["## Pictures", ""]
-    for name, caption in figs.items():
-        lines += [f"**{caption}**", "", f"![{name}]({name})", ""]
-    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""The work of the evaluate stage's Ray tasks, as plain functions of their jobs.
+
+`measure` reads a group of images of one shard (and their target rows), runs every model once
+and returns small per-image arrays (token norms, attention, fidelity) plus the features and
+pixels of the images to be pictured; `combine` puts the tasks' results in index order.
+`probe` accumulates a linear probe's fit sums, or scores fitted weights, over labeled images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline import metrics
+from pipeline.config import TeacherConfig
+from pipeline.errors import ConfigError
+from pipeline.export import load_exported_features
+from pipeline.images import Preprocess, crop_box, decode_rgb
+from pipeline.labeled import LabeledItem, LabeledSet, load_item
+from pipeline.manifest import Manifest
+from pipeline.models import PatchFeatures, load_teacher, readout
+from pipeline.probes import ProbeSums
+from pipeline.shards import read_images
+from pipeline.target_store import TargetStore
+
+TARGET = "target"
+ORDER = ("teacher", TARGET, "student")  # columns, rows and colours follow this order
+BATCH = 8  # images per forward inside a task
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model a Ray task loads by itself: a teacher config, or an export folder."""
+
+    name: str
+    teacher: dict | None = None  # TeacherConfig as JSON
+    export: str | None = None
+
+    def load(self, storage_options=None) -> PatchFeatures:
+        """The timm model (`.model`) with the projection to the teacher's width an export of a
+        narrower student carries (`.projection`, else None)."""
+        if self.export:
+            return load_exported_features(self.export, storage_options)
+        return PatchFeatures(load_teacher(TeacherConfig.model_validate(self.teacher), storage_options))
+
+
+@dataclass
+class MeasureJob:
+    manifest: Manifest
+    shard: int
+    indices: list[int]
+    pictured: list[int]  # indices whose features and pixels come back for the pictures
+    store: TargetStore | None
+    preprocess: Preprocess
+    models: list[ModelRef]
+    block: int | None
+    storage_options: dict
+
+
+def block_index(model: nn.Module, block: int, name: str) -> int:
+    """The index `evaluate.residual_block` names in this model (-2 -> depth - 2)."""
+    try:
+        return range(len(model.blocks))[block]
+    except IndexError:
+        raise ConfigError(f"evaluate.residual_block={block}, but {name} has {len(model.blocks)} blocks") from None
+
+
+def batched_readout(model: nn.Module, x: torch.Tensor, block: int | None):
+    parts = [readout(model, x[i:i + BATCH], block) for i in range(0, len(x), BATCH)]
+    return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
+
+
+def measure(job: MeasureJob) -> dict:
+    """Norm maps (final layer, residual stream), class-token attention maps and fidelity to the
+    targets of every image of the job, plus features and pixels of the pictured ones."""
+    so = job.storage_options
+    images = [decode_rgb(data) for data in read_images(job.manifest, job.indices, so)]
+    if job.store is not None:
+        boxes = job.store.read_boxes(np.array(job.indices), 0)
+    else:
+        boxes = [crop_box(img.width, img.height, job.preprocess.size, "center") for img in images]
+    x = torch.stack([job.preprocess(img, box) for img, box in zip(images, boxes)])
+    shown = [i for i, index in enumerate(job.indices) if index in job.pictured]
+    h, w = job.preprocess.size
+    out = {"indices": job.indices, "block": None, "final": {}, "residual": {}, "attention": {}, "cosine": {}, "mse": {}, "features": {},
+           "pixels": [np.asarray(images[i].resize((w, h), box=tuple(map(float, boxes[i])))) for i in shown]}
+    target = torch.from_numpy(job.store.read(np.array(job.indices), 0)) if job.store is not None else None
+    if target is not None:
+        out["final"][TARGET] = metrics.token_norms(target).numpy()
+        out["features"][TARGET] = target[shown].numpy()
+    for ref in job.models:
+        loaded = ref.load(so)
+        if job.block is not None:
+            out["block"] = block_index(loaded.model, job.block, ref.name)
+        # norms, outliers and attention are the model's own; pictures and fidelity compare in the teacher's space
+        final, residual, attention = batched_readout(loaded.model, x, job.block)
+        with torch.inference_mode():
+            comparable = final if loaded.projection is None else loaded.projection(final)
+        out["final"][ref.name] = metrics.token_norms(final).numpy()
+        out["features"][ref.name] = comparable[shown].numpy()
+        if residual is not None:
+            out["residual"][ref.name] = metrics.token_norms(residual).numpy()
+        if attention is not None:
+            out["attention"][ref.name] = attention.numpy()
+        if target is not None:
+            out["cosine"][ref.name] = metrics.cosine_per_image(comparable, target).numpy()
+            out["mse"][ref.name] = metrics.mse_per_image(comparable, target).numpy()
+    return out
+
+
+def combine(parts: list[dict]) -> dict:
+    """Task results -> one dict of arrays in index order."""
+    parts = sorted(parts, key=lambda r: r["indices"][0])
+    out = {"indices": [i for r in parts for i in r["indices"]], "pixels": [px for r in parts for px in r["pixels"]],
+           "block": parts[0]["block"]}
+    for key in ("final", "residual", "attention", "cosine", "mse", "features"):
+        names = sorted(parts[0][key], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+        out[key] = {name: np.concatenate([r[key][name] for r in parts]) for name in names}
+    return out
+
+
+@dataclass
+class ProbeJob:
+    labeled: LabeledSet
+    items: list[LabeledItem]
+    preprocess: Preprocess
+    models: list[ModelRef]
+    weights: dict | None  # None: accumulate fit sums; else {model: {"seg": W, "depth": W}}: score
+    examples: list[str]  # item ids whose predictions come back for the pictures
+    storage_options: dict
+
+
+def resized(arr: np.ndarray, box, size: tuple[int, int]) -> np.ndarray:
+    """A label or depth map cropped to `box` and resized to (h, w) with nearest neighbour."""
+    h, w = size
+    img = Image.fromarray(arr.astype(np.int32) if arr.dtype.kind in "iu" else arr.astype(np.float32))
+    return np.array(img.resize((w, h), Image.Resampling.NEAREST, box=tuple(map(float, box))))
+
+
+def probe(job: ProbeJob) -> dict[str, ProbeSums]:
+    """Fit sums (no weights yet) or val scores of every model on the job's labeled images."""
+    so, labeled, size = job.storage_options, job.labeled, job.preprocess.size
+    xs, masks, depths = [], [], []
+    for item in job.items:
+        img, mask, depth = load_item(item, labeled, so)
+        box = crop_box(img.width, img.height, size, "center")
+        xs.append(job.preprocess(img, box))
+        masks.append(None if mask is None else torch.from_numpy(resized(mask, box, size).astype(np.int64)))
+        depths.append(None if depth is None else torch.from_numpy(resized(depth, box, size)))
+    num_classes = len(labeled.classes or [])
+    out = {}
+    for ref in job.models:
+        model = ref.load(so).model  # the probe reads the model's own features, whatever their width
+        feats = batched_readout(model, torch.stack(xs), None)[0]
+        sums = ProbeSums()
+        for item, f, mask, depth in zip(job.items, feats, masks, depths):
+            if job.weights is None:
+                sums.add_fit(f, mask, depth, tuple(model.patch_embed.patch_size), num_classes, labeled.ignore_index)
+            else:
+                sums.add_scores(f, mask, depth, job.weights[ref.name], num_classes, labeled.ignore_index,
+                                item.id if item.id in job.examples else None)
+        out[ref.name] = sums
+    return out
+
+
+def merge_sums(sums) -> ProbeSums:
+    total = ProbeSums()
+    for s in sums:
+        total = total.merge(s)
+    return total
