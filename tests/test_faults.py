@@ -40,7 +40,7 @@ def _bucket(options) -> str:
 
 def test_flaky_storage_every_stage_retries_and_finishes(proxy, ray_local):
     options = {"client_kwargs": {"endpoint_url": proxy.url}}
-    root = _bucket({"client_kwargs": {"endpoint_url": proxy.url}}) + "/run"
+    root = _bucket(options) + "/run"
     proxy.error_rate, proxy.drop_rate = 0.1, 0.05  # one request in seven fails
     cfg = tiny_config(root, options, **{"distill.epochs": 1})
     shard.run(cfg)

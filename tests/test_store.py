@@ -8,6 +8,7 @@ import zarr
 
 from pipeline.errors import ConfigError
 from pipeline.manifest import Unit
+from pipeline.storage import exists, join_url, url_to_fs, write_json
 from pipeline.target_store import StoreSpec, TargetStore, decode, describe_differences, encode
 
 TEACHER = {"model": "m", "weights": "w", "img_size": [32, 32], "patch": [16, 16], "grid": [2, 2], "dim": 8,
@@ -78,3 +79,17 @@ def test_a_store_whose_attributes_disagree_is_refused(tmp_path):
 def test_differences_name_the_keys():
     diff = describe_differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 3}, "c": 2}, "store", "config")
     assert diff == ["a.b: 1 (store) != 3 (config)"]
+
+
+def test_objects_written_by_other_processes_are_seen(s3_bucket):
+    """Markers, leases and shards come from other processes: a cached listing must not hide
+    them, while this process keeps reusing one filesystem instance."""
+    import s3fs
+
+    url, options = s3_bucket
+    write_json(join_url(url, "complete", "00000000.json"), {}, options)
+    fs, path = url_to_fs(url, options)
+    fs.ls(f"{path}/complete")  # what would fill a listing cache
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).pipe(f"{path}/complete/00000001.json", b"{}")
+    assert exists(join_url(url, "complete", "00000001.json"), options)
+    assert url_to_fs(url, options)[0] is fs
