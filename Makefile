@@ -11,9 +11,9 @@ CONFIG_FLAGS := $(foreach c,$(CONFIG),--config $(c))
 ifdef RAY_ADDRESS
 # On a cluster (RAY_ADDRESS = its dashboard URL, e.g. http://head:8265) each stage is a Ray job:
 # the repo is uploaded as its working dir (relative CONFIG paths resolve inside it), logs
-# stream back, and `ray job submit` exits 1 when the job fails, so make fails too.
+# stream back, and make fails unless the job succeeded (stages/submit.py).
 # Token auth is the cluster's business: RAY_AUTH_MODE/RAY_AUTH_TOKEN come from your shell.
-STAGE := $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --runtime-env cluster/runtime_env.yaml -- python -m stages
+STAGE := $(PY) -m stages.submit
 else
 # Local runs: no Ray token auth, no usage stats.
 export RAY_AUTH_MODE ?= disabled

@@ -1,5 +1,5 @@
 """The stages on a real two-node Ray cluster, submitted the way a user does it: `make <stage>`
-with RAY_ADDRESS set runs `ray job submit` against the cluster's dashboard; all data lives on
+with RAY_ADDRESS set submits a Ray job to the cluster's dashboard; all data lives on
 the S3 endpoint (moto's server on loopback).
 
 The cluster is two `ray start` processes on this machine (a head with the dashboard and a
@@ -37,7 +37,7 @@ MAKE = ["make", "--no-print-directory", "-C", str(REPO), f"VENV={VENV}", "-o", f
 
 @dataclass
 class Cluster:
-    address: str  # the dashboard URL, what RAY_ADDRESS holds for `ray job submit`
+    address: str  # the dashboard URL, what RAY_ADDRESS holds for job submission
     nodes: dict[str, str]  # custom resource name -> Ray node id
 
 
@@ -177,3 +177,26 @@ def test_failed_job_fails_make(cluster):
     # The driver's message came back (the quoted value arrived as one argument), and the job is reported failed.
     assert "phreg list: error:" in done.stdout and "'not a number'" in done.stdout, done.stdout[-4000:]
     assert "failed" in done.stdout, done.stdout[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_stopped_job_fails_make(cluster):
+    """A job stopped from outside (`ray job stop`) must not look like success to make."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    proc = subprocess.Popen([*MAKE, "demo"], env={**os.environ, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        client, running, deadline = JobSubmissionClient(cluster.address), [], time.time() + 120
+        while not running and time.time() < deadline:
+            running = [j for j in client.list_jobs() if j.status == JobStatus.RUNNING and " demo" in j.entrypoint]
+            time.sleep(0.5)
+        assert running, "the demo job never started"
+        client.stop_job(running[0].submission_id)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out[-4000:]
+    assert f"job {running[0].submission_id} stopped" in out, out[-4000:]
