@@ -43,8 +43,12 @@ class ModelRef:
         """The timm model (`.model`) with the projection to the teacher's width an export of a
         narrower student carries (`.projection`, else None)."""
         if self.export:
-            return load_exported_features(self.export, storage_options)
-        return PatchFeatures(load_teacher(TeacherConfig.model_validate(self.teacher), storage_options))
+            loaded = load_exported_features(self.export, storage_options)
+        else:
+            loaded = PatchFeatures(load_teacher(TeacherConfig.model_validate(self.teacher), storage_options))
+        if torch.cuda.is_available():  # the task was given a GPU; the projection stays with the results on the CPU
+            loaded.model.cuda()
+        return loaded
 
 
 @dataclass
@@ -69,7 +73,10 @@ def block_index(model: nn.Module, block: int, name: str) -> int:
 
 
 def batched_readout(model: nn.Module, x: torch.Tensor, block: int | None):
-    parts = [readout(model, x[i:i + BATCH], block) for i in range(0, len(x), BATCH)]
+    """`readout` in batches on the model's device; the results on the CPU."""
+    device = next(model.parameters()).device
+    parts = [[None if t is None else t.cpu() for t in readout(model, x[i:i + BATCH].to(device), block)]
+             for i in range(0, len(x), BATCH)]
     return [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
 
 

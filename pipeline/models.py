@@ -248,7 +248,6 @@ def patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(x.shape[0], gh, gw, tokens.shape[-1])
 
 
-
 @torch.inference_mode()
 def readout(model: nn.Module, x: torch.Tensor, block: int | None = None):
     """One forward pass, three views of it (used by the evaluate stage):

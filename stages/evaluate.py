@@ -37,7 +37,7 @@ from pipeline.probes import ProbeSums, iou_per_class, mean_iou
 from pipeline.report import markdown, table
 from pipeline.storage import absolute, exists, has_scheme, join_url, read_json, write_bytes_atomic
 from pipeline.target_store import TargetStore, find_store
-from stages.runtime import init_ray, progress, say
+from stages.runtime import cluster_gpus, init_ray, progress, say
 
 
 # --- what is evaluated -------------------------------------------------------------------
@@ -177,14 +177,15 @@ def run_probes(cfg: Config, p: Plan, output: str) -> dict | None:
         return [ProbeJob(labeled, items[i:i + e.images_per_task], p.preprocess, p.models, weights, examples, so)
                 for i in range(0, len(items), e.images_per_task)]
 
-    fits = _gather([_probe.remote(j) for j in jobs("train", None, [])], "probe fit")
+    task = _probe.options(num_gpus=task_gpus())
+    fits = _gather([task.remote(j) for j in jobs("train", None, [])], "probe fit")
     weights = {}
     for ref in p.models:
         total = merge_sums(f[ref.name] for f in fits)
         weights[ref.name] = {k: s.solve(e.probe_ridge) for k, s in (("seg", total.seg_fit), ("depth", total.depth_fit)) if s}
     k = e.pca_images
     examples = [it.id for it in labeled.with_masks("val")[:k]] + [it.id for it in labeled.with_depth("val")[:k]]
-    scored = _gather([_probe.remote(j) for j in jobs("val", weights, examples)], "probe val")
+    scored = _gather([task.remote(j) for j in jobs("val", weights, examples)], "probe val")
     results = {ref.name: merge_sums(s[ref.name] for s in scored) for ref in p.models}
 
     report = {"labeled": url, "protocol": "ridge regression on final-layer patch features (patch-level targets), "
@@ -236,6 +237,11 @@ def _probe_figures(labeled: LabeledSet, p: Plan, results: dict[str, ProbeSums], 
 
 # --- the run ------------------------------------------------------------------------------
 
+def task_gpus() -> int:
+    """A GPU per task where the cluster has GPUs (the tasks then run one per GPU)."""
+    return 1 if cluster_gpus() >= 1 else 0
+
+
 def _gather(refs: list, desc: str) -> list:
     bar, pending, results = progress(len(refs), desc, "task"), list(refs), {}
     while pending:
@@ -260,7 +266,7 @@ def evaluate_one(cfg: Config) -> dict:
     init_ray()
     jobs = measure_jobs(p, e.residual_block, e.pca_images, e.images_per_task, so)
     say(f"evaluate: {', '.join(p.described)} on {len(p.indices)} images of {p.manifest.url} ({len(jobs)} tasks)")
-    data = combine(_gather([_measure.remote(j) for j in jobs], "evaluate"))
+    data = combine(_gather([_measure.options(num_gpus=task_gpus()).remote(j) for j in jobs], "evaluate"))
     report = summarize(cfg, p, data)
     report["probes"] = run_probes(cfg, p, p.output)
     draw(cfg, p, data, report)
