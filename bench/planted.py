@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from pipeline.config import load_config
-from pipeline.sample_corpus import write_sample_corpus
+from pipeline.data.sample_corpus import write_sample_corpus
 from stages import distill, evaluate, export, shard, teacher_cache
 
 CONFIGS = [os.path.join(os.path.dirname(__file__), "..", "configs", name) for name in ("demo.yaml", "planted.yaml")]

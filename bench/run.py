@@ -58,14 +58,14 @@ class ForwardActor:
     """The teacher forward alone, on inputs shaped like the teacher-cache's batches."""
 
     def __init__(self, teacher_cfg, threads: int):
-        from pipeline.models import load_teacher
+        from pipeline.models.vit import load_teacher
 
         torch.set_num_threads(threads)
         self.model = load_teacher(teacher_cfg)
         self.size = teacher_cfg.hw
 
     def run(self, images: int, batch_images: int, counts: int) -> tuple[float, float]:
-        from pipeline.models import patch_features
+        from pipeline.models.vit import patch_features
 
         x = torch.randn(batch_images * counts, 3, *self.size)
         with torch.inference_mode():
@@ -89,7 +89,8 @@ def forward_bound(cfg, actors: int, images_each: int) -> float:
 def teacher_cache(work: Path, s3: S3) -> dict:
     """Full stage (decode -> TTA -> forward -> recover -> compress -> write) against the
     forward-only bound, same model, same actors' resources, same run; local and S3 stores."""
-    from stages import shard, teacher_cache as stage
+    from stages import shard
+    from stages import teacher_cache as stage
 
     out = {}
     shutil.rmtree(work / "tc", ignore_errors=True)
@@ -126,9 +127,9 @@ def _vitb_features(n: int) -> torch.Tensor:
     """Final-layer patch features of a ViT-B/14 at 518 px (37x37x768, the reference setting)
     on real photographs; random-init weights (no pretrained weights offline)."""
     from pipeline.config import TeacherConfig
-    from pipeline.images import crop_box, decode_rgb
-    from pipeline.models import describe_teacher, load_teacher, patch_features
-    from pipeline.sample_corpus import generate
+    from pipeline.data.images import crop_box, decode_rgb
+    from pipeline.data.sample_corpus import generate
+    from pipeline.models.vit import describe_teacher, load_teacher, patch_features
 
     cfg = TeacherConfig(model="vit_base_patch14_dinov2", img_size=518)
     pre = describe_teacher(cfg).preprocess
@@ -141,8 +142,8 @@ def _vitb_features(n: int) -> torch.Tensor:
 
 def storage(work: Path) -> dict:
     """Bytes per image and fidelity against float32 for each storage type (ViT-B/14 @ 518)."""
-    from pipeline.manifest import Unit
-    from pipeline.target_store import StoreSpec, TargetStore
+    from pipeline.data.manifest import Unit
+    from pipeline.targets.store import StoreSpec, TargetStore
 
     feats = _vitb_features(4)
     n, gh, gw, D = feats.shape
@@ -170,8 +171,8 @@ def storage(work: Path) -> dict:
 
 @ray.remote(num_cpus=1)
 def _write_units(url, options, spec_dict, unit_ids, rows):
-    from pipeline.manifest import Unit
-    from pipeline.target_store import TargetStore
+    from pipeline.data.manifest import Unit
+    from pipeline.targets.store import TargetStore
 
     store = TargetStore(url, options)
     rng = np.random.default_rng(unit_ids[0])
@@ -188,7 +189,7 @@ def s3_write(s3: S3) -> dict:
     S3 endpoint (MB of stored objects per second)."""
     import s3fs
 
-    from pipeline.target_store import StoreSpec, TargetStore
+    from pipeline.targets.store import StoreSpec, TargetStore
 
     rows, units = 8, 8
     spec = StoreSpec(teacher={"grid": [37, 37], "dim": 768}, counts=10, shift_frac=0.15, flip=True, seed=0,
@@ -205,8 +206,8 @@ def s3_write(s3: S3) -> dict:
 
 def planning(work: Path) -> dict:
     """Planning and resume over a synthetic corpus of 1,000,000 inputs (no image data)."""
-    from pipeline.ingest import digest, plan_shards, record_url, resume_state
-    from pipeline.manifest import Manifest
+    from pipeline.data.ingest import digest, plan_shards, record_url, resume_state
+    from pipeline.data.manifest import Manifest
     from pipeline.storage import write_json
     from stages.shard import finished_records
 
@@ -267,8 +268,8 @@ def _steady_rate(run_url: str, storage_options=None) -> tuple[float, float]:
 def _raw_compute_ratio(cfg, threads: int = 2, repeats: int = 6) -> float:
     """(teacher forward over all views + student step) / student step, compute alone: what the
     cached-vs-online speed-up would be with free I/O, measured now on this machine."""
-    from pipeline.losses import distill_loss
-    from pipeline.models import PatchFeatures, build_student, load_teacher, patch_features, unlock
+    from pipeline.models.vit import PatchFeatures, build_student, load_teacher, patch_features, unlock
+    from pipeline.training.losses import distill_loss
 
     torch.set_num_threads(threads)
     teacher = load_teacher(cfg.teacher)
@@ -351,7 +352,7 @@ def caching_price(work: Path) -> dict:
     crop) vs cached V=4 (random crops): same planted-artifact teacher, same 48 training images,
     same steps; fidelity and outliers measured on 16 held-out images against their V=1 targets."""
     from bench.planted import CONFIGS, HELDOUT_IMAGES, HELDOUT_SEED
-    from pipeline.sample_corpus import write_sample_corpus
+    from pipeline.data.sample_corpus import write_sample_corpus
     from pipeline.storage import join_url
     from stages import distill, evaluate, export, shard, teacher_cache
 

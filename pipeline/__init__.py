@@ -1,1 +1,12 @@
-"""PH-Reg pipeline library: models, test-time augmentation, storage and data."""
+"""PH-Reg pipeline library.
+
+Layers, lowest first; a module imports only from its own layer and the ones below it
+(`tests/test_layout.py` enforces this):
+
+- `config`, `storage`, `errors`: the run's typed config, fsspec I/O, the error types.
+- `data`: images, shards, manifests, the sample corpus.
+- `models`: teacher and student ViTs, planted-artifact teachers, export.
+- `targets`: test-time augmentation, computing targets, the Zarr target store.
+- `training` (distillation) and `evaluation`: both build on the layers above, never on
+  each other.
+"""

@@ -4,10 +4,10 @@ from __future__ import annotations
 import ray
 
 from pipeline.config import Config
+from pipeline.data.manifest import Manifest
 from pipeline.errors import PipelineError
-from pipeline.manifest import Manifest
-from pipeline.store_check import check_layout, check_unit
-from pipeline.target_store import TargetStore, list_stores, locate_store
+from pipeline.targets.store import TargetStore, list_stores, locate_store
+from pipeline.targets.store_check import check_layout, check_unit
 from stages.runtime import init_ray, progress, say
 
 

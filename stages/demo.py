@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from pipeline.config import Config, dump_config
-from pipeline.report import table
+from pipeline.evaluation.report import table
 from pipeline.storage import write_bytes_atomic
 from stages import distill, evaluate, export, shard, teacher_cache
 from stages.runtime import say

@@ -29,18 +29,19 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import checkpoint, figures
 from pipeline.config import Config, expand_students
+from pipeline.data.images import Preprocess
+from pipeline.data.manifest import Manifest
+from pipeline.data.prefetch import prefetch
 from pipeline.errors import ConfigError
-from pipeline.images import Preprocess
-from pipeline.losses import distill_loss, exp_decay_lr
-from pipeline.manifest import Manifest
-from pipeline.models import PatchFeatures, build_any_student, describe_teacher, load_teacher, patch_features, student_base, unlock
-from pipeline.pairs import CachedPairs, OnlineViews, batches, epoch_plan, samples_per_rank, skip
-from pipeline.prefetch import prefetch
+from pipeline.evaluation import figures
+from pipeline.models.vit import PatchFeatures, build_any_student, describe_teacher, load_teacher, patch_features, student_base, unlock
 from pipeline.storage import exists, has_scheme, join_url, read_bytes, read_json, url_to_fs, write_bytes_atomic, write_json
-from pipeline.target_store import StoreSpec, TargetStore, describe_differences, find_store, store_spec
-from pipeline.tta import denoise
+from pipeline.targets.store import StoreSpec, TargetStore, describe_differences, find_store, store_spec
+from pipeline.targets.tta import denoise
+from pipeline.training import checkpoint
+from pipeline.training.losses import distill_loss, exp_decay_lr
+from pipeline.training.pairs import CachedPairs, OnlineViews, batches, epoch_plan, samples_per_rank, skip
 from stages.runtime import cluster_gpus, init_ray, progress, say
 
 METRICS = ["step", "epoch", "loss", "cosine", "mse", "lr", "samples_per_s", "data_wait_fraction", "seconds"]

@@ -24,21 +24,20 @@ import numpy as np
 import ray
 import torch
 
-from pipeline import figures, metrics
 from pipeline.config import Config, TeacherConfig, expand_students
+from pipeline.data.images import INTERPOLATIONS, Preprocess, crop_box
+from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.evaluation import TARGET, MeasureJob, ModelRef, ProbeJob, combine, measure, merge_sums, probe, resized
-from pipeline.images import INTERPOLATIONS, Preprocess, crop_box
-from pipeline.labeled import SAMPLE as SAMPLE_LABELED
-from pipeline.labeled import LabeledSet, load_item, open_labeled, write_labeled_sample
-from pipeline.manifest import Manifest
-from pipeline.models import describe_teacher
-from pipeline.probes import ProbeSums, iou_per_class, mean_iou
-from pipeline.report import markdown, table
+from pipeline.evaluation import figures, metrics
+from pipeline.evaluation.labeled import SAMPLE as SAMPLE_LABELED
+from pipeline.evaluation.labeled import LabeledSet, load_item, open_labeled, write_labeled_sample
+from pipeline.evaluation.probes import ProbeSums, iou_per_class, mean_iou
+from pipeline.evaluation.report import markdown, table
+from pipeline.evaluation.tasks import TARGET, MeasureJob, ModelRef, ProbeJob, combine, measure, merge_sums, probe, resized
+from pipeline.models.vit import describe_teacher
 from pipeline.storage import absolute, exists, has_scheme, join_url, read_json, write_bytes_atomic
-from pipeline.target_store import TargetStore, find_store
+from pipeline.targets.store import TargetStore, find_store
 from stages.runtime import cluster_gpus, init_ray, progress, say
-
 
 # --- what is evaluated -------------------------------------------------------------------
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import tempfile
 
-from pipeline import checkpoint
 from pipeline.config import Config, expand_students
 from pipeline.errors import PipelineError
-from pipeline.export import load_exported_features, max_output_difference, upload, write_folder
-from pipeline.models import PatchFeatures
+from pipeline.models.export import load_exported_features, max_output_difference, upload, write_folder
+from pipeline.models.vit import PatchFeatures
 from pipeline.storage import join_url
+from pipeline.training import checkpoint
 from stages.runtime import say
 
 

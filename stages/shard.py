@@ -16,13 +16,20 @@ from collections import Counter
 import ray
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.ingest import (
-    build_shard, corpus_id, index_external_tar, input_kind, list_inputs, plan_shards, preprocessing,
-    record_url, resume_state,
+from pipeline.data.ingest import (
+    build_shard,
+    corpus_id,
+    index_external_tar,
+    input_kind,
+    list_inputs,
+    plan_shards,
+    preprocessing,
+    record_url,
+    resume_state,
 )
-from pipeline.manifest import Manifest, unit_rows_for
-from pipeline.sample_corpus import write_sample_corpus
+from pipeline.data.manifest import Manifest, unit_rows_for
+from pipeline.data.sample_corpus import write_sample_corpus
+from pipeline.errors import PipelineError
 from pipeline.storage import exists, join_url, list_names, read_json_many, url_to_fs, write_bytes_atomic, write_json
 from stages.runtime import init_ray, progress, say
 

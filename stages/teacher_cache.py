@@ -12,11 +12,11 @@ import torch
 from ray.util import ActorPool
 
 from pipeline.config import Config
-from pipeline.lease import Lease
-from pipeline.manifest import Manifest, Unit
-from pipeline.models import describe_teacher
-from pipeline.target_store import TargetStore, store_spec
-from pipeline.teacher_targets import TeacherTargets
+from pipeline.data.manifest import Manifest, Unit
+from pipeline.models.vit import describe_teacher
+from pipeline.targets.lease import Lease
+from pipeline.targets.store import TargetStore, store_spec
+from pipeline.targets.teacher_targets import TeacherTargets
 from stages.runtime import cluster_cpus, cluster_gpus, init_ray, progress, say
 
 

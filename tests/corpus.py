@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from pipeline.sample_corpus import base_photographs
+from pipeline.data.sample_corpus import base_photographs
 
 
 def photo(size=(96, 64)) -> Image.Image:

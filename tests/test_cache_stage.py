@@ -14,10 +14,10 @@ import torch
 import yaml
 import zarr
 
+from pipeline.data.images import Preprocess
+from pipeline.data.manifest import Manifest
 from pipeline.errors import PipelineError
-from pipeline.manifest import Manifest
-from pipeline.pairs import CachedPairs
-from pipeline.images import Preprocess
+from pipeline.training.pairs import CachedPairs
 from stages import caches, shard, teacher_cache
 from tests.conftest import tiny_config
 

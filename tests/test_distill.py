@@ -17,16 +17,16 @@ import timm
 import torch
 import yaml
 
-from pipeline import checkpoint
+from pipeline.data.images import Preprocess
+from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError
-from pipeline.export import load_exported_features, max_output_difference
-from pipeline.images import Preprocess
-from pipeline.manifest import Manifest
-from pipeline.models import PatchFeatures, describe_teacher
-from pipeline.pairs import CachedPairs, OnlineViews
+from pipeline.models.export import load_exported_features, max_output_difference
+from pipeline.models.vit import PatchFeatures, describe_teacher
 from pipeline.storage import join_url
-from pipeline.target_store import store_spec
-from pipeline.teacher_targets import prepare
+from pipeline.targets.store import store_spec
+from pipeline.targets.teacher_targets import prepare
+from pipeline.training import checkpoint
+from pipeline.training.pairs import CachedPairs, OnlineViews
 from stages import distill, export, shard, teacher_cache
 from tests.conftest import tiny_config
 
@@ -57,8 +57,8 @@ def test_online_views_are_new_every_epoch_and_match_cached_variants(cached):
     e0, e1 = next(views.examples(plan, 0)), next(views.examples(plan, 1))
     assert not torch.equal(e0[0], e1[0]) or not np.array_equal(e0[1], e1[1])
     # epoch e draws exactly what a cache's variant e holds for that image
-    from pipeline.images import decode_rgb
-    from pipeline.shards import read_images
+    from pipeline.data.images import decode_rgb
+    from pipeline.data.shards import read_images
 
     item = prepare(decode_rgb(read_images(manifest, [1])[0]), 1, 1, spec, views.preprocess, 0)
     assert torch.equal(item.image, e1[0]) and np.array_equal(item.offsets, e1[1]) and np.array_equal(item.flips, e1[2])
@@ -106,7 +106,7 @@ def test_many_students_from_one_cache(cached):
 
 
 def _teacher(cfg):
-    from pipeline.models import load_teacher
+    from pipeline.models.vit import load_teacher
 
     return load_teacher(cfg.teacher)
 

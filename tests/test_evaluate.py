@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from pipeline import metrics
 from pipeline.config import TeacherConfig
 from pipeline.errors import ConfigError
-from pipeline.models import load_teacher, patch_features, readout
+from pipeline.evaluation import metrics
+from pipeline.models.vit import load_teacher, patch_features, readout
 from stages import evaluate, shard
 from tests.conftest import tiny_config
 

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.config import dump_config, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.lease import Lease
+from pipeline.targets.lease import Lease
 from stages import caches, distill, export, shard, teacher_cache
 from tests.conftest import tiny_config
 from tests.corpus import encode, img2dataset_tar, photo

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.images import Preprocess, Rejected, crop_box, decode_rgb, normalize_image
+from pipeline.data.images import Preprocess, Rejected, crop_box, decode_rgb, normalize_image
 from tests.corpus import awkward_files, exif_rotated
 
 LIMITS = dict(max_pixels=50_000_000, min_side=16, max_side=1024)
@@ -29,8 +29,9 @@ def test_exif_orientation_is_applied():
 
 
 def test_alpha_is_composited_over_white():
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     buf = io.BytesIO()
@@ -67,7 +68,7 @@ def test_preprocess_normalises_with_model_statistics():
 
 
 def test_decode_rgb_of_a_written_jpeg():
-    from pipeline.images import encode_jpeg
+    from pipeline.data.images import encode_jpeg
     from tests.corpus import photo
 
     assert decode_rgb(encode_jpeg(photo(), 90)).size == (96, 64)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import distill_loss, exp_decay_lr
+from pipeline.training.losses import distill_loss, exp_decay_lr
 
 
 def test_identical_features_have_zero_loss():

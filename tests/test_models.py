@@ -9,10 +9,8 @@ import torch
 
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.errors import ConfigError, UnsafeWeightsError
-from pipeline.export import load_exported, max_output_difference, write_folder
-from pipeline.models import (
-    build_student, describe_teacher, load_teacher, patch_features, unlock, weights_identity,
-)
+from pipeline.models.export import load_exported, max_output_difference, write_folder
+from pipeline.models.vit import build_student, describe_teacher, load_teacher, patch_features, unlock, weights_identity
 
 # Small random-init ViTs of the families the pipeline must support.
 FAMILIES = {

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.pairs import epoch_plan, samples_per_rank, skip
+from pipeline.training.pairs import epoch_plan, samples_per_rank, skip
 
 
 def flat(plan):

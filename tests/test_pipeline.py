@@ -11,11 +11,11 @@ import timm
 import webdataset as wds
 import zarr
 
-from pipeline import checkpoint
+from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.export import max_output_difference
-from pipeline.manifest import Manifest
+from pipeline.models.export import max_output_difference
 from pipeline.storage import join_url, list_names, read_bytes, url_to_fs
+from pipeline.training import checkpoint
 from stages import distill, evaluate, export, shard, teacher_cache
 from tests.conftest import tiny_config
 from tests.corpus import awkward_files
@@ -123,7 +123,7 @@ def test_targets_identical_across_runs_and_worker_counts(tmp_path, ray_local):
     ta, tb = zarr.open_group(a.zarr_url, mode="r")["targets"][:], zarr.open_group(b.zarr_url, mode="r")["targets"][:]
     assert np.array_equal(ta, tb)
     # and identical to a direct, single-process computation of one image
-    from pipeline.teacher_targets import TeacherTargets, unit_items
+    from pipeline.targets.teacher_targets import TeacherTargets, unit_items
 
     manifest = Manifest.load(one.shards_url)
     computer = TeacherTargets(one.teacher, a, manifest)

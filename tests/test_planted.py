@@ -1,4 +1,4 @@
-"""The planted-artifact teacher (pipeline/planted.py): artifacts exactly where they were
+"""The planted-artifact teacher (pipeline/models/planted.py): artifacts exactly where they were
 planted, a real timm model end to end, TTA that dilutes them and a student that loses them.
 
 Randomly initialised ViTs have no artifacts, so this construction is what lets these tests
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from pipeline.config import StudentConfig, TeacherConfig
-from pipeline.export import load_exported, max_output_difference, write_folder
-from pipeline.images import crop_box, decode_rgb
-from pipeline.losses import distill_loss
-from pipeline.metrics import outlier_mask, token_norms
-from pipeline.models import build_student, describe_teacher, load_teacher, patch_features, readout, unlock
-from pipeline.planted import NAME, PlantedVisionTransformer, planted_cells
-from pipeline.sample_corpus import generate, write_sample_corpus
-from pipeline.tta import denoise, max_shifts, sample_views, view_rng
+from pipeline.data.images import crop_box, decode_rgb
+from pipeline.data.sample_corpus import generate, write_sample_corpus
+from pipeline.evaluation.metrics import outlier_mask, token_norms
+from pipeline.models.export import load_exported, max_output_difference, write_folder
+from pipeline.models.planted import NAME, PlantedVisionTransformer, planted_cells
+from pipeline.models.vit import build_student, describe_teacher, load_teacher, patch_features, readout, unlock
+from pipeline.targets.tta import denoise, max_shifts, sample_views, view_rng
+from pipeline.training.losses import distill_loss
 from stages import distill, evaluate, export, shard, teacher_cache
 from tests.conftest import tiny_config
 

@@ -7,9 +7,16 @@ import torch
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.labeled import SEG_CLASSES, load_item, open_labeled, write_labeled_sample
-from pipeline.probes import (
-    DepthSums, RidgeSums, confusion, iou_per_class, mean_iou, patch_class_fractions, patch_mean_depth, predict_pixels,
+from pipeline.evaluation.labeled import SEG_CLASSES, load_item, open_labeled, write_labeled_sample
+from pipeline.evaluation.probes import (
+    DepthSums,
+    RidgeSums,
+    confusion,
+    iou_per_class,
+    mean_iou,
+    patch_class_fractions,
+    patch_mean_depth,
+    predict_pixels,
 )
 
 

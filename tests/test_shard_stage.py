@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from pipeline.data.ingest import digest, plan_shards, resume_state
+from pipeline.data.manifest import Manifest, unit_rows_for
+from pipeline.data.shards import fetch_images, read_images
 from pipeline.errors import PipelineError
-from pipeline.ingest import digest, plan_shards, resume_state
-from pipeline.manifest import Manifest, unit_rows_for
-from pipeline.shards import fetch_images, read_images
 from stages import shard, teacher_cache
 from tests.conftest import tiny_config
 from tests.corpus import awkward_files, encode, img2dataset_tar, photo

@@ -6,10 +6,10 @@ import pytest
 import torch
 import zarr
 
+from pipeline.data.manifest import Unit
 from pipeline.errors import ConfigError
-from pipeline.manifest import Unit
 from pipeline.storage import exists, join_url, url_to_fs, write_json
-from pipeline.target_store import StoreSpec, TargetStore, decode, describe_differences, encode
+from pipeline.targets.store import StoreSpec, TargetStore, decode, describe_differences, encode
 
 TEACHER = {"model": "m", "weights": "w", "img_size": [32, 32], "patch": [16, 16], "grid": [2, 2], "dim": 8,
            "num_prefix_tokens": 1, "preprocess": {"size": [32, 32], "interpolation": "bicubic",

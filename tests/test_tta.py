@@ -3,9 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tta import (
-    denoise, farthest_point_sample, max_shifts, recover, render_views, sample_views, view_rng,
-)
+from pipeline.targets.tta import denoise, farthest_point_sample, max_shifts, recover, render_views, sample_views, view_rng
 
 
 def test_max_shifts_round_per_axis():

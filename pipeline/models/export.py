@@ -19,7 +19,7 @@ import torch
 from timm.models._hub import save_for_hf
 from torch import nn
 
-from pipeline.models import PatchFeatures
+from pipeline.models.vit import PatchFeatures
 from pipeline.storage import local_path, url_to_fs
 
 PROVENANCE = "phreg.json"

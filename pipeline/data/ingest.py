@@ -19,10 +19,10 @@ import time
 from collections import Counter
 
 from pipeline.config import ShardConfig
+from pipeline.data.images import Rejected, encode_jpeg, normalize_image
+from pipeline.data.manifest import sample_key, shard_name
+from pipeline.data.shards import IMAGE_EXTENSIONS, Member, Sample, split_name, write_tar
 from pipeline.errors import PipelineError
-from pipeline.images import Rejected, encode_jpeg, normalize_image
-from pipeline.manifest import sample_key, shard_name
-from pipeline.shards import IMAGE_EXTENSIONS, Member, Sample, split_name, write_tar
 from pipeline.storage import has_scheme, join_url, read_bytes, url_to_fs, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from pipeline.config import TeacherConfig
+from pipeline.data.images import Preprocess, crop_box, decode_rgb
+from pipeline.data.manifest import Manifest, Unit
+from pipeline.data.prefetch import prefetch
+from pipeline.data.shards import fetch_images
 from pipeline.errors import PipelineError
-from pipeline.images import Preprocess, crop_box, decode_rgb
-from pipeline.manifest import Manifest, Unit
-from pipeline.models import load_teacher, patch_features
-from pipeline.prefetch import prefetch
-from pipeline.shards import fetch_images
-from pipeline.target_store import StoreSpec, TargetStore
-from pipeline.tta import denoise, max_shifts, sample_views, view_rng
+from pipeline.models.vit import load_teacher, patch_features
+from pipeline.targets.store import StoreSpec, TargetStore
+from pipeline.targets.tta import denoise, max_shifts, sample_views, view_rng
 
 
 @dataclass

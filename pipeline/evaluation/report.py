@@ -1,7 +1,7 @@
 """The evaluation report as text: the summary table the stages print and report.md."""
 from __future__ import annotations
 
-from pipeline.evaluation import TARGET
+from pipeline.evaluation.tasks import TARGET
 
 
 def fmt(value, digits: int = 2) -> str:

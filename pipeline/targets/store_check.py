@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.manifest import Manifest, Unit
-from pipeline.target_store import ENCODINGS, StoreSpec, TargetStore, decode, unit_digest
+from pipeline.data.manifest import Manifest, Unit
+from pipeline.targets.store import ENCODINGS, StoreSpec, TargetStore, decode, unit_digest
 
 
 def check_layout(store: TargetStore, manifest: Manifest) -> list[str]:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 # --- patch-level targets -------------------------------------------------------------------
 
 def patch_class_fractions(mask: torch.Tensor, patch: tuple[int, int], num_classes: int, ignore_index: int):

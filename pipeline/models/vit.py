@@ -18,11 +18,11 @@ import timm
 import torch
 from torch import nn
 
+import pipeline.models.planted  # noqa: F401  (registers the planted-artifact teacher with timm)
 from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.data.images import Preprocess
 from pipeline.errors import ConfigError, PipelineError, UnsafeWeightsError
-from pipeline.images import Preprocess
 from pipeline.storage import read_bytes, url_to_fs
-import pipeline.planted  # noqa: F401  (registers the planted-artifact teacher with timm)
 
 
 @dataclass(frozen=True)

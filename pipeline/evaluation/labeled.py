@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.data.images import decode_rgb
+from pipeline.data.sample_corpus import base_photographs
 from pipeline.errors import PipelineError
-from pipeline.images import decode_rgb
-from pipeline.sample_corpus import base_photographs
 from pipeline.storage import exists, join_url, list_names, read_bytes, read_json, write_bytes_atomic, write_json
 
 SPLITS = ("train", "val")

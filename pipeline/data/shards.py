@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 import webdataset as wds
 
-from pipeline.manifest import ShardRecord
+from pipeline.data.manifest import ShardRecord
 from pipeline.storage import url_to_fs, write_bytes_atomic
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

@@ -14,17 +14,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline import metrics
 from pipeline.config import TeacherConfig
+from pipeline.data.images import Preprocess, crop_box, decode_rgb
+from pipeline.data.manifest import Manifest
+from pipeline.data.shards import read_images
 from pipeline.errors import ConfigError
-from pipeline.export import load_exported_features
-from pipeline.images import Preprocess, crop_box, decode_rgb
-from pipeline.labeled import LabeledItem, LabeledSet, load_item
-from pipeline.manifest import Manifest
-from pipeline.models import PatchFeatures, load_teacher, readout
-from pipeline.probes import ProbeSums
-from pipeline.shards import read_images
-from pipeline.target_store import TargetStore
+from pipeline.evaluation import metrics
+from pipeline.evaluation.labeled import LabeledItem, LabeledSet, load_item
+from pipeline.evaluation.probes import ProbeSums
+from pipeline.models.export import load_exported_features
+from pipeline.models.vit import PatchFeatures, load_teacher, readout
+from pipeline.targets.store import TargetStore
 
 TARGET = "target"
 ORDER = ("teacher", TARGET, "student")  # columns, rows and colours follow this order

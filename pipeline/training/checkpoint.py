@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.errors import PipelineError
-from pipeline.models import student_skeleton
+from pipeline.models.vit import student_skeleton
 from pipeline.storage import join_url, list_names, read_bytes, read_json
 
 WEIGHTS, PROJECTION, OPTIMIZER, STATE = "student.safetensors", "projection.safetensors", "optimizer.pt", "state.json"

@@ -26,7 +26,7 @@ import torch
 import zarr
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models import describe_teacher
+from pipeline.models.vit import describe_teacher
 from pipeline.storage import exists, fs_options, join_url, list_names, read_json, write_json
 
 FORMAT = "phreg-targets/2"

@@ -24,7 +24,7 @@ tests whether registers take over the role real artifact tokens play in a pretra
 
 It is a plain timm `VisionTransformer` (subclass), registered with timm, so it works wherever a
 teacher name works: `reg_tokens`/`no_embed_class` students, timm's hub export and
-`create_model('local-dir:...')` (importing `pipeline.models` registers it).
+`create_model('local-dir:...')` (importing `pipeline.models.vit` registers it).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class PlantedVisionTransformer(VisionTransformer):
     def __init__(
         self,
         *args,
-        reg_tokens: int = 0,  # named here because pipeline.models finds the register argument by signature
+        reg_tokens: int = 0,  # named here because pipeline.models.vit finds the register argument by signature
         plant_cells=DEFAULT_CELLS,
         plant_block: int = -2,
         plant_norm: float = 50.0,

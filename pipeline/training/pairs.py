@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.images import Preprocess, decode_rgb
-from pipeline.manifest import Manifest, Unit
-from pipeline.shards import fetch_images
-from pipeline.teacher_targets import prepare
-from pipeline.target_store import StoreSpec, TargetStore, decode
+from pipeline.data.images import Preprocess, decode_rgb
+from pipeline.data.manifest import Manifest, Unit
+from pipeline.data.shards import fetch_images
+from pipeline.targets.store import StoreSpec, TargetStore, decode
+from pipeline.targets.teacher_targets import prepare
 
 
 def epoch_plan(counts: dict[int, int], epoch: int, seed: int, rank: int, world: int) -> list[tuple[int, np.ndarray]]:

@@ -1,0 +1,4 @@
+"""Models: building the frozen teacher and the register-carrying student from timm
+(`vit`), teachers with artifacts planted by construction (`planted`), and exporting
+students in timm's hub format (`export`). Imports the top level of `pipeline` and `data`.
+"""
