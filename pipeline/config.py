@@ -206,6 +206,21 @@ class EvaluateConfig(Section):
     )
     checkpoint: str | None = Field(None, description="Weights file for evaluate.model (.safetensors, or .pth/.pt without pickled code).")
     pretrained: bool = Field(False, description="Load timm's pretrained weights for evaluate.model.")
+    # Baselines: what a user would pick instead of distilling
+    baselines: list[Literal["test-time-registers"]] = Field(
+        default_factory=list, description="Also evaluate these training-free alternatives built from the teacher (or "
+        "evaluate.model): 'test-time-registers' (Jiang et al. 2025: register neurons' activations moved to one extra token).",
+    )
+    ttr_images: int = Field(16, ge=1, description="Test-time registers: images the register neurons are located on (from the "
+                            "training shards when they exist, else the evaluated shards).")
+    ttr_detect_block: int = Field(-1, description="Test-time registers: block whose output norms define the outlier tokens "
+                                  "(published: -1 for CLIP, -2 for DINOv2-L).")
+    ttr_threshold: float | None = Field(None, gt=0, description="Test-time registers: norm above which a token at "
+                                        "ttr_detect_block is an outlier. Default: mean + 3 sigma of the patch norms there.")
+    ttr_max_block: int | None = Field(None, description="Test-time registers: last block whose neurons are considered. "
+                                      "Default: the first block where the outlier tokens stand out.")
+    ttr_top_k: int = Field(10, ge=1, description="Test-time registers: register neurons moved (published: 10 for "
+                           "OpenCLIP-B/16, 45 for DINOv2-L).")
     # Artifact tokens
     outlier_k: float = Field(6.0, gt=0, description="A token is an outlier when its norm exceeds median + k * MAD of its image.")
     min_mad: float = Field(

@@ -29,6 +29,7 @@ from pipeline.data.images import INTERPOLATIONS, Preprocess, crop_box
 from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluation import figures, metrics
+from pipeline.evaluation.baselines import TEST_TIME_REGISTERS, LocateJob, locate_job, registers_baseline
 from pipeline.evaluation.labeled import SAMPLE as SAMPLE_LABELED
 from pipeline.evaluation.labeled import LabeledSet, load_item, open_labeled, write_labeled_sample
 from pipeline.evaluation.probes import ProbeSums, iou_per_class, mean_iou
@@ -52,6 +53,7 @@ class Plan:
     trained_on: bool | None
     output: str
     described: dict = field(default_factory=dict)  # name -> what it is, for the report
+    baselines: dict = field(default_factory=dict)  # baseline name -> what was located for it, for the report
 
 
 def evaluation_indices(manifest: Manifest, n: int) -> list[int]:
@@ -139,6 +141,38 @@ def pipeline_plan(cfg: Config, manifest: Manifest, indices: list[int]) -> Plan:
     described["student"] = f"export folder `{student_url}`"
     models = [ModelRef("teacher", teacher=cfg.teacher.model_dump(mode="json")), ModelRef("student", export=student_url)]
     return Plan("pipeline", models, manifest, indices, store, preprocess, trained_on, cfg.eval_url, described)
+
+
+# --- baselines: training-free alternatives, measured like every other model ----------------
+
+@ray.remote(num_cpus=1, max_retries=2)
+def _locate(job: LocateJob) -> dict:
+    return locate_job(job)
+
+
+def add_baselines(cfg: Config, p: Plan) -> None:
+    """Add evaluate.baselines to the plan's models, built from its first model (the teacher, or
+    evaluate.model), after locating what they need in one Ray task."""
+    so, e = cfg.storage.storage_options, cfg.evaluate
+    if TEST_TIME_REGISTERS not in e.baselines:
+        return
+    base = p.models[0]
+    if base.teacher is None:
+        raise ConfigError("evaluate.baselines are built from a timm model (the teacher, or evaluate.model given as a "
+                          "timm name), not from an export folder")
+    # the register neurons are located on the training images when there are any (PH-Reg learned from them too)
+    training = cfg.cache_shards_url
+    manifest = Manifest.load(training, so) if exists(join_url(training, "manifest.json"), so) else p.manifest
+    job = LocateJob(manifest, evaluation_indices(manifest, e.ttr_images), p.preprocess, base, e.ttr_detect_block,
+                    e.ttr_threshold, e.ttr_max_block, e.ttr_top_k, so)
+    location = ray.get(_locate.options(num_gpus=task_gpus()).remote(job))
+    neurons = ", ".join(f"{n['layer']}.{n['index']}" for n in location["neurons"])
+    p.models.append(registers_baseline(base, location))
+    p.baselines[TEST_TIME_REGISTERS] = location
+    p.described[TEST_TIME_REGISTERS] = (
+        f"test-time registers on `{base.name}` (Jiang et al. 2025): one extra token takes the activations of "
+        f"{len(location['neurons'])} register neurons (block.neuron: {neurons}), located on {location['images']} images "
+        f"of `{manifest.url}`")
 
 
 # --- per-image measurements (a Ray task per group of images of one shard) -----------------
@@ -263,11 +297,13 @@ def evaluate_one(cfg: Config) -> dict:
     so, e = cfg.storage.storage_options, cfg.evaluate
     p = plan(cfg)
     init_ray()
+    add_baselines(cfg, p)
     jobs = measure_jobs(p, e.residual_block, e.pca_images, e.images_per_task, so)
     say(f"evaluate: {', '.join(p.described)} on {len(p.indices)} images of {p.manifest.url} ({len(jobs)} tasks)")
     task = _measure.options(num_gpus=task_gpus())
     data = combine(_gather([task.remote(j) for j in jobs], "evaluate"))
     report = summarize(cfg, p, data)
+    report["baselines"] = p.baselines
     report["probes"] = run_probes(cfg, p, p.output)
     draw(cfg, p, data, report)
     write_bytes_atomic(join_url(p.output, "report.json"), json.dumps(report, indent=1).encode(), so)

@@ -29,6 +29,19 @@ def norm_table(norms: dict) -> str:
     return "\n".join(rows)
 
 
+def registers_section(location: dict | None) -> list[str]:
+    """The register neurons the test-time-registers baseline moves, with how they were found."""
+    if not location:
+        return []
+    lines = ["## Test-time registers: register neurons", "",
+             f"Outlier tokens: norm > {location['threshold']:.2f} after block {location['detect_block']} "
+             f"({location['images_with_outliers']} of {location['images']} images have some); neurons of blocks "
+             f"0..{location['max_block']} ranked by their mean |activation| at those tokens.", "",
+             "| block | neuron | score |", "|---|---|---|"]
+    lines += [f"| {n['layer']} | {n['index']} | {n['score']:.3f} |" for n in location["neurons"]]
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     img, rule, figs = report["images"], report["outlier_rule"], report.get("figures", {})
     lines = ["# Evaluation", ""]
@@ -39,6 +52,7 @@ def markdown(report: dict) -> str:
         lines += [f"- **note**: {img['note']}"]
     lines += [f"- **outliers**: {rule['relative']}; absolute thresholds: final layer {rule['abs_threshold_final']}, "
               f"residual stream {rule['abs_threshold_residual']}", ""]
+    lines += registers_section(report.get("baselines", {}).get("test-time-registers"))
     lines += ["## Artifact tokens: final (normed) layer", "", norm_table(report["norms"]), ""]
     if report["residual"]["norms"]:
         lines += [f"## Artifact tokens: residual stream after block {report['residual']['block']} (before the final norm)", "",

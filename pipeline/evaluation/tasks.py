@@ -23,6 +23,7 @@ from pipeline.evaluation import metrics
 from pipeline.evaluation.labeled import LabeledItem, LabeledSet, load_item
 from pipeline.evaluation.probes import ProbeSums
 from pipeline.models.export import load_exported_features
+from pipeline.models.test_time_registers import TestTimeRegisters
 from pipeline.models.vit import PatchFeatures, load_teacher, readout
 from pipeline.targets.store import TargetStore
 
@@ -38,6 +39,7 @@ class ModelRef:
     name: str
     teacher: dict | None = None  # TeacherConfig as JSON
     export: str | None = None
+    test_time_registers: tuple[tuple[int, int], ...] | None = None  # (block, neuron) moved to an extra token
 
     def load(self, storage_options=None) -> PatchFeatures:
         """The timm model (`.model`) with the projection to the teacher's width an export of a
@@ -45,7 +47,10 @@ class ModelRef:
         if self.export:
             loaded = load_exported_features(self.export, storage_options)
         else:
-            loaded = PatchFeatures(load_teacher(TeacherConfig.model_validate(self.teacher), storage_options))
+            model = load_teacher(TeacherConfig.model_validate(self.teacher), storage_options)
+            if self.test_time_registers is not None:
+                model = TestTimeRegisters(model, list(self.test_time_registers), self.name)
+            loaded = PatchFeatures(model)
         if torch.cuda.is_available():  # the task was given a GPU; the projection stays with the results on the CPU
             loaded.model.cuda()
         return loaded

@@ -113,3 +113,102 @@ def vit_planted_tiny_patch8(pretrained: bool = False, **kwargs) -> PlantedVision
     return build_model_with_cfg(
         PlantedVisionTransformer, NAME, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs)
     )
+
+
+# --- artifacts made by MLP neurons --------------------------------------------------------
+
+NEURON_NAME = "vit_neuron_planted_tiny_patch8"
+DEFAULT_NEURONS = (37, 150, 301)  # hidden units of the planted block's MLP (384 wide)
+
+
+class NeuronPlantedVisionTransformer(VisionTransformer):
+    """Artifacts made the way "Vision Transformers Don't Need Trained Registers" (Jiang et al.,
+    2025) finds them in CLIP and DINOv2: a few MLP neurons of a late block ("register neurons")
+    fire at the artifact positions, and their fc2 columns write one high-norm direction into the
+    residual stream. Nothing is added by a hook: the artifacts are in the weights, so a
+    neuron-level method can find them and a state dict carries them.
+
+    - Position trigger: one residual channel (`trigger`) holds `plant_key` at the planted cells'
+      position embeddings and 0 everywhere else; no embedding or block writes to it, so it
+      reaches every block unchanged.
+    - Register neurons (`plant_neurons` of block `plant_block`) read only that channel after the
+      block's LayerNorm: pre-activation `plant_slope * (z - plant_fire)`, `z` the normed trigger,
+      so they fire at the planted cells and stay at ~0 elsewhere (GELU of a large negative).
+    - Their fc2 columns write `plant_scale` times a fixed direction in `plant_channels` artifact
+      channels that nothing else writes to; the final LayerNorm weighs those channels
+      `plant_gain` times, so the artifacts stand out after it too.
+
+    The neurons' activation follows `z`, which LayerNorm divides by the token's spread, so the
+    artifacts' norm varies with the image (about 40 to 80 on the residual stream with the
+    defaults; ordinary tokens below 8), as real artifacts' norms do. A student switches an
+    artifact off by lowering the trigger in its position embedding (one of PH-Reg's unlocked
+    weights, but a far larger change than in `vit_planted_tiny_patch8`); test-time registers
+    switch it off by moving the neurons' activations to an extra token."""
+
+    def __init__(
+        self,
+        *args,
+        reg_tokens: int = 0,
+        plant_cells=DEFAULT_CELLS,
+        plant_block: int = -2,
+        plant_neurons=DEFAULT_NEURONS,
+        plant_channels: int = 4,
+        plant_key: float = 4.0,
+        plant_fire: float = 1.5,
+        plant_slope: float = 8.0,
+        plant_scale: float = 0.4,
+        plant_gain: float = 4.0,
+        **kwargs,
+    ):
+        super().__init__(*args, reg_tokens=reg_tokens, **kwargs)
+        if self.dynamic_img_size:
+            raise ValueError(f"{NEURON_NAME} plants artifacts on a fixed grid: dynamic_img_size is not supported")
+        if plant_channels + 1 > self.embed_dim:
+            raise ValueError("plant_channels must leave room for the trigger channel")
+        block = self.blocks[range(len(self.blocks))[plant_block]]
+        hidden = block.mlp.fc1.out_features
+        if not plant_neurons or any(not 0 <= j < hidden for j in plant_neurons):
+            raise ValueError(f"plant_neurons must be indices of the MLP's {hidden} hidden units")
+        self.plant_block = range(len(self.blocks))[plant_block]
+        self.plant_neurons = tuple(sorted(set(plant_neurons)))
+        self.trigger = plant_channels
+        grid = self.patch_embed.grid_size
+        self.register_buffer("plant_index", torch.tensor(planted_cells(grid, plant_cells)), persistent=False)
+        first_patch = self.pos_embed.shape[1] - grid[0] * grid[1]
+        c = plant_channels
+        direction = torch.tensor([(-1.0) ** i for i in range(c)]) / c**0.5
+        with torch.no_grad():
+            self.patch_embed.proj.weight[:c + 1] = 0
+            if self.patch_embed.proj.bias is not None:
+                self.patch_embed.proj.bias[:c + 1] = 0
+            self.pos_embed[..., :c + 1] = 0
+            self.pos_embed[0, first_patch + self.plant_index, self.trigger] = plant_key
+            for token in (self.cls_token, self.reg_token):
+                if token is not None:
+                    token[..., :c + 1] = 0
+            for blk in self.blocks:  # only the register neurons write to the artifact channels, nothing to the trigger
+                for linear in (blk.attn.proj, blk.mlp.fc2):
+                    linear.weight[:c + 1] = 0
+                    if linear.bias is not None:
+                        linear.bias[:c + 1] = 0
+            for j in self.plant_neurons:
+                block.mlp.fc1.weight[j] = 0
+                block.mlp.fc1.weight[j, self.trigger] = plant_slope
+                block.mlp.fc1.bias[j] = -plant_slope * plant_fire
+                block.mlp.fc2.weight[:, j] = 0
+                block.mlp.fc2.weight[:c, j] = plant_scale * direction
+            block.norm2.weight[self.trigger], block.norm2.bias[self.trigger] = 1.0, 0.0
+            self.norm.weight[:c] = plant_gain
+
+
+default_cfgs[NEURON_NAME] = _cfg(url="", input_size=(3, 96, 96), num_classes=0, license="none")
+
+
+@register_model
+def vit_neuron_planted_tiny_patch8(pretrained: bool = False, **kwargs) -> NeuronPlantedVisionTransformer:
+    """ViT (depth 4, width 96, patch 8, 96 px) whose artifacts come from 3 MLP neurons of block 2."""
+    args = dict(patch_size=8, embed_dim=96, depth=4, num_heads=3, img_size=96)
+    return build_model_with_cfg(
+        NeuronPlantedVisionTransformer, NEURON_NAME, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        **dict(args, **kwargs)
+    )

@@ -1,0 +1,50 @@
+"""Baselines the evaluate stage measures beside the teacher and the student: what a user would
+pick instead of distilling. Each becomes a `ModelRef` that Ray tasks load like any other
+model, so every metric and picture of the report covers it.
+
+- test-time registers (`pipeline.models.test_time_registers`): the register neurons are
+  located once, in one Ray task (`locate_job`), on a handful of images; the baseline is then
+  the teacher with those neurons moved to an extra token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.data.images import Preprocess, crop_box, decode_rgb
+from pipeline.data.manifest import Manifest
+from pipeline.data.shards import read_images
+from pipeline.evaluation.tasks import ModelRef
+from pipeline.models.test_time_registers import locate
+
+TEST_TIME_REGISTERS = "test-time-registers"
+
+
+@dataclass
+class LocateJob:
+    manifest: Manifest
+    indices: list[int]
+    preprocess: Preprocess
+    model: ModelRef
+    detect_block: int
+    threshold: float | None
+    max_block: int | None
+    top_k: int
+    storage_options: dict
+
+
+def locate_job(job: LocateJob) -> dict:
+    """The register neurons of the job's model, located on its images (centre crops)."""
+    images = [decode_rgb(data) for data in read_images(job.manifest, job.indices, job.storage_options)]
+    x = torch.stack([job.preprocess(img, crop_box(img.width, img.height, job.preprocess.size, "center")) for img in images])
+    model = job.model.load(job.storage_options).model
+    x = x.to(next(model.parameters()).device)
+    location = locate(model, x, job.detect_block, job.threshold, job.max_block, job.top_k, job.model.name)
+    return {**location.to_dict(), "located_on": {"shards": job.manifest.url, "indices": job.indices}}
+
+
+def registers_baseline(base: ModelRef, location: dict) -> ModelRef:
+    """The baseline: `base` (a timm model built from a teacher config) with the located neurons moved."""
+    neurons = tuple((n["layer"], n["index"]) for n in location["neurons"])
+    return ModelRef(TEST_TIME_REGISTERS, teacher=base.teacher, test_time_registers=neurons)
