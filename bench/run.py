@@ -394,8 +394,16 @@ def planted(work: Path) -> dict:
     return planted_outliers(str(work / "planted"))
 
 
+def neuron_planted(work: Path) -> dict:
+    from bench.neuron_planted import neuron_planted as measure
+
+    shutil.rmtree(work / "neuron_planted", ignore_errors=True)
+    return measure(str(work / "neuron_planted"))
+
+
 SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,
-            "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted, "caching": caching_price}
+            "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted, "caching": caching_price,
+            "neuron_planted": neuron_planted}
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Evaluation: what evaluate's Ray tasks compute (`tasks`), artifact and fidelity metrics
 (`metrics`), linear probes (`probes`) on labeled sets (`labeled`), baselines measured beside
-the student (`baselines`), pictures (`figures`) and the report text (`report`). Imports the top level of `pipeline`, `data`, `models` and
-`targets`; never `training`.
+the student (`baselines`), pictures (`figures`) and the report text (`report`). Imports the
+top level of `pipeline`, `data`, `models` and `targets`; never `training`.
 """
