@@ -140,6 +140,16 @@ def test_bad_requests_are_refused(teacher, images):
         TestTimeRegisters(torch.nn.Linear(2, 2), [(0, 0)])
 
 
+def test_bad_baseline_configs_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="baselines"):
+        tiny_config(str(tmp_path), **{"evaluate.baselines": ["registers-by-magic"]})
+    cfg = tiny_config(str(tmp_path), **{"evaluate.baselines": ["test-time-registers"]})
+    exported = evaluate.Plan("model", [evaluate.ModelRef("r4", export=str(tmp_path / "export"))], None, [], None, None,
+                             None, str(tmp_path / "eval"))
+    with pytest.raises(ConfigError, match="not from an export folder"):
+        evaluate.add_baselines(cfg, exported)
+
+
 @pytest.mark.slow
 def test_evaluate_measures_the_baseline_like_any_model(tmp_path, ray_local):
     """evaluate.baselines: [test-time-registers] on one model: a row in every table, a column in

@@ -71,11 +71,12 @@ def outlier_threshold(norms: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def block_norms(model: nn.Module, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """(blocks, N, patches) norms of the patch tokens after every block (residual stream)."""
+    """(blocks, N, patches) norms of the patch tokens after every block (residual stream), on the CPU."""
     prefix, out = model.num_prefix_tokens, []
     for i in range(0, len(x), batch):
         norms = []
-        hooks = [b.register_forward_hook(lambda m, a, o: norms.append(o[:, prefix:].norm(dim=-1))) for b in model.blocks]
+        hooks = [b.register_forward_hook(lambda m, a, o: norms.append(o[:, prefix:].float().norm(dim=-1).cpu()))
+                 for b in model.blocks]
         try:
             model.forward_features(x[i:i + batch])
         finally:
