@@ -25,6 +25,9 @@ tests whether registers take over the role real artifact tokens play in a pretra
 It is a plain timm `VisionTransformer` (subclass), registered with timm, so it works wherever a
 teacher name works: `reg_tokens`/`no_embed_class` students, timm's hub export and
 `create_model('local-dir:...')` (importing `pipeline.models.vit` registers it).
+
+`vit_neuron_planted_tiny_patch8` (below) makes the same artifacts with a few MLP neurons
+instead of a hook, so that neuron-level methods such as test-time registers can find them.
 """
 from __future__ import annotations
 
