@@ -168,6 +168,7 @@ def test_evaluate_measures_the_baseline_like_any_model(tmp_path, ray_local):
     assert norms[NEURON_NAME]["outliers_per_image"] == 3.0 and norms["test-time-registers"]["outliers_per_image"] == 0.0
     assert report["residual"]["norms"]["test-time-registers"]["norm_max"] < 10
     assert "test-time-registers" in report["probes"]["models"] and "test-time-registers" in report["attention"]
+    assert "test-time-registers" in report["outlier_maps"]["final"]  # the pictures draw from the same per-model maps
     out = os.path.join(root, "eval", NEURON_NAME)
     text = open(os.path.join(out, "report.md")).read()
     assert "| test-time-registers |" in text and "## Test-time registers: register neurons" in text

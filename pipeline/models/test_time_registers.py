@@ -53,10 +53,6 @@ class Location:
     def to_dict(self) -> dict:
         return {**asdict(self), "neurons": [asdict(n) for n in self.neurons]}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Location":
-        return cls(**{**d, "neurons": [Neuron(**n) for n in d["neurons"]]})
-
 
 def check_supported(model: nn.Module, name: str) -> None:
     if not isinstance(model, VisionTransformer) or not all(hasattr(getattr(b, "mlp", None), "fc2") for b in model.blocks):
