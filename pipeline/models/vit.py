@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+import pipeline.models.clip  # noqa: F401  (registers the CLIP dense-feature models with timm)
 import pipeline.models.planted  # noqa: F401  (registers the planted-artifact teacher with timm)
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.data.images import Preprocess
@@ -108,10 +109,15 @@ def describe_teacher(cfg: TeacherConfig, storage_options=None) -> TeacherSpec:
         img_size=cfg.hw,
         patch=tuple(model.patch_embed.patch_size),
         grid=tuple(model.patch_embed.grid_size),
-        dim=model.embed_dim,
+        dim=feature_dim(model),
         num_prefix_tokens=model.num_prefix_tokens,
         preprocess=Preprocess(cfg.hw, data["interpolation"], tuple(data["mean"]), tuple(data["std"])),
     )
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of `patch_features`: the embedding width, or a projected one (CLIP dense models)."""
+    return getattr(model, "feature_dim", model.embed_dim)
 
 
 def check_vit(model: nn.Module, name: str) -> None:
@@ -152,8 +158,10 @@ def student_skeleton(teacher_cfg: TeacherConfig, registers: int) -> nn.Module:
     """The student architecture (random weights): the teacher's, plus registers, prefix
     tokens without position embedding."""
     with torch.device("meta"):
-        kwarg = register_kwarg(_create(teacher_cfg))
-    return _create(teacher_cfg, **{kwarg: registers, "no_embed_class": True})
+        base = _create(teacher_cfg)
+    # a recipe may give its student another architecture argument (CLIP: the value-path last block)
+    extra = getattr(base, "STUDENT_KWARGS", {})
+    return _create(teacher_cfg, **{register_kwarg(base): registers, "no_embed_class": True, **extra})
 
 
 def build_student(teacher: nn.Module, teacher_cfg: TeacherConfig, cfg: StudentConfig) -> nn.Module:
@@ -202,11 +210,11 @@ def build_any_student(teacher_cfg: TeacherConfig, cfg: StudentConfig, teacher: T
             f"targets are {teacher.grid[0]}x{teacher.grid[1]}: choose a student whose patch size gives the same grid"
         )
     student = build_student(base, base_cfg, cfg)
-    if student.embed_dim == teacher.dim:
+    if feature_dim(student) == teacher.dim:
         return student, None
     with torch.random.fork_rng():
         torch.manual_seed(cfg.register_seed)
-        return student, nn.Linear(student.embed_dim, teacher.dim)
+        return student, nn.Linear(feature_dim(student), teacher.dim)
 
 
 def unlock(model: nn.Module, patterns: list[str]) -> list[str]:

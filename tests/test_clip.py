@@ -1,0 +1,151 @@
+"""CLIP dense-feature models: the replaced last blocks, the student built from the teacher,
+export through timm's hub format, and the import of the authors' released students."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import StudentConfig, TeacherConfig
+from pipeline.models.clip import convert_phreg_clip, neighbourhood
+from pipeline.models.export import write_folder
+from pipeline.models.vit import build_any_student, describe_teacher, load_teacher
+
+TINY = "vit_clip_dense_tiny_patch8"
+
+
+def ln(x, p, name):
+    return F.layer_norm(x, x.shape[-1:], p[f"{name}.weight"], p[f"{name}.bias"], eps=1e-5)
+
+
+def trunk(model, x):
+    """Tokens entering the last block, through the model's own layers."""
+    t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    return model.blocks[:-1](t)
+
+
+@pytest.fixture(scope="module")
+def teacher_cfg():
+    return TeacherConfig(model=TINY, img_size=64, init_seed=3)
+
+
+def test_value_block_is_value_then_output_projection(teacher_cfg):
+    model = timm.create_model(TINY, num_classes=0, dense_block="value").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        t = trunk(model, x)
+        blk = model.blocks[-1]
+        d = model.embed_dim
+        v = F.linear(blk.norm1(t), blk.attn.qkv.weight[2 * d:], blk.attn.qkv.bias[2 * d:])
+        expect = model.proj(model.norm(blk.attn.proj(v)))
+        assert torch.allclose(model.forward_features(x), expect, atol=1e-5)
+
+
+def test_naclip_block_is_key_key_attention_with_gaussian(teacher_cfg):
+    model = timm.create_model(TINY, num_classes=0, dense_block="naclip", gaussian_std=2.0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        t = trunk(model, x)
+        blk, d, h = model.blocks[-1], model.embed_dim, model.blocks[-1].attn.num_heads
+        qkv = blk.attn.qkv(blk.norm1(t))[0]
+        k, v = qkv[:, d:2 * d].reshape(-1, h, d // h), qkv[:, 2 * d:].reshape(-1, h, d // h)
+        out = torch.zeros(t.shape[1], d)
+        for head in range(h):
+            logits = k[:, head] @ k[:, head].T / math.sqrt(d // h)
+            for i in range(1, 65):  # patch i at cell ((i-1)//8, (i-1)%8); class token 0 has no neighbourhood
+                for j in range(1, 65):
+                    dy, dx = (i - 1) // 8 - (j - 1) // 8, (i - 1) % 8 - (j - 1) % 8
+                    logits[i, j] += math.exp(-(dy * dy + dx * dx) / 8.0)
+            out[:, head * (d // h):(head + 1) * (d // h)] = logits.softmax(-1) @ v[:, head]
+        expect = model.proj(model.norm(blk.attn.proj(out)))
+        assert torch.allclose(model.forward_features(x)[0], expect, atol=1e-5)
+    assert neighbourhood((2, 3), 1.0)[0, 5].item() == pytest.approx(math.exp(-(1 + 4) / 2))
+
+
+def test_student_gets_value_block_registers_and_equals_value_teacher_without_registers(teacher_cfg):
+    teacher = load_teacher(teacher_cfg)
+    spec = describe_teacher(teacher_cfg)
+    assert spec.dim == 32 and spec.grid == (8, 8)
+    student, projection = build_any_student(teacher_cfg, StudentConfig(registers=0), spec, loaded_teacher=teacher)
+    assert projection is None and student.blocks[-1].mode == "value" and teacher.blocks[-1].mode == "naclip"
+    value_teacher = load_teacher(teacher_cfg.model_copy(update={"model_kwargs": {"dense_block": "value"}}))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(student.eval().forward_features(x), value_teacher.forward_features(x))
+    with_regs, _ = build_any_student(teacher_cfg, StudentConfig(registers=4), spec, loaded_teacher=teacher)
+    assert with_regs.reg_token.shape == (1, 4, 64) and with_regs.num_prefix_tokens == 5
+
+
+def test_export_reloads_with_timm_and_runs_at_other_sizes(tmp_path, teacher_cfg):
+    cfg = teacher_cfg.model_copy(update={"model_kwargs": {"dynamic_img_size": True}})
+    teacher = load_teacher(cfg)
+    student, _ = build_any_student(cfg, StudentConfig(registers=4), describe_teacher(cfg), loaded_teacher=teacher)
+    write_folder(student.eval(), str(tmp_path), {})
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert again.blocks[-1].mode == "value" and again.reg_token.shape == (1, 4, 64)
+    for size in [(64, 64), (96, 80)]:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            assert torch.equal(again.forward_features(x), student.forward_features(x))
+
+
+def authors_state(r=3, d=64, heads=4, depth=3, grid=8, patch=8, out=32, seed=0):
+    """A state dict in the layout of the authors' StudentCLIP (OpenAI CLIP under `vit.`)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, std=0.05):
+        return torch.randn(*s, generator=g) * std
+
+    sd = {"register_tokens": rnd(r, d, std=0.2), "vit.class_embedding": rnd(d, std=0.2),
+          "vit.positional_embedding": rnd(1, grid * grid + 1, d, std=0.2), "vit.conv1.weight": rnd(d, 3, patch, patch),
+          "vit.ln_pre.weight": 1 + rnd(d), "vit.ln_pre.bias": rnd(d), "vit.ln_post.weight": 1 + rnd(d),
+          "vit.ln_post.bias": rnd(d), "vit.proj": rnd(d, out, std=0.2)}
+    for i in range(depth):
+        p = f"vit.transformer.resblocks.{i}."
+        sd.update({p + "attn.in_proj_weight": rnd(3 * d, d, std=0.2), p + "attn.in_proj_bias": rnd(3 * d),
+                   p + "attn.out_proj.weight": rnd(d, d, std=0.2), p + "attn.out_proj.bias": rnd(d),
+                   p + "ln_1.weight": 1 + rnd(d), p + "ln_1.bias": rnd(d), p + "ln_2.weight": 1 + rnd(d),
+                   p + "ln_2.bias": rnd(d), p + "mlp.c_fc.weight": rnd(4 * d, d, std=0.2), p + "mlp.c_fc.bias": rnd(4 * d),
+                   p + "mlp.c_proj.weight": rnd(d, 4 * d, std=0.2), p + "mlp.c_proj.bias": rnd(d)})
+    return sd
+
+
+def authors_forward(sd, x, r, heads, depth):
+    """Their forward, written from their code's description: registers appended after the
+    patches, ln_pre, residual blocks, last block = value path, ln_post, @ proj."""
+    p = {k.removeprefix("vit."): v for k, v in sd.items()}
+    t = F.conv2d(x, p["conv1.weight"], stride=p["conv1.weight"].shape[-1]).flatten(2).transpose(1, 2)
+    t = torch.cat([p["class_embedding"].expand(t.shape[0], 1, -1), t], 1) + p["positional_embedding"]
+    t = torch.cat([t, p["register_tokens"].expand(t.shape[0], -1, -1)], 1)
+    t = ln(t, p, "ln_pre")
+    d = t.shape[-1]
+    for i in range(depth):
+        b = f"transformer.resblocks.{i}."
+        h = ln(t, p, b + "ln_1")
+        if i == depth - 1:
+            v = F.linear(h, p[b + "attn.in_proj_weight"][2 * d:], p[b + "attn.in_proj_bias"][2 * d:])
+            t = F.linear(v, p[b + "attn.out_proj.weight"], p[b + "attn.out_proj.bias"])
+            break
+        mha = nn.MultiheadAttention(d, heads, batch_first=True)
+        mha.load_state_dict({k[len(b + "attn."):]: v for k, v in p.items() if k.startswith(b + "attn.")})
+        t = t + mha(h, h, h, need_weights=False)[0]
+        m = F.linear(ln(t, p, b + "ln_2"), p[b + "mlp.c_fc.weight"], p[b + "mlp.c_fc.bias"])
+        t = t + F.linear(m * torch.sigmoid(1.702 * m), p[b + "mlp.c_proj.weight"], p[b + "mlp.c_proj.bias"])
+    return ln(t, p, "ln_post") @ p["proj"]
+
+
+def test_authors_student_weights_convert_to_the_timm_student():
+    sd = authors_state()
+    model = timm.create_model(TINY, num_classes=0, reg_tokens=3, no_embed_class=True, dense_block="value").eval()
+    model.load_state_dict(convert_phreg_clip(sd), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.forward_features(x)
+        theirs = authors_forward(sd, x, r=3, heads=4, depth=3)
+    # patches: theirs after the class token, ours after class token and registers
+    assert torch.allclose(ours[:, 4:], theirs[:, 1:65], atol=1e-4)
+    assert torch.allclose(ours[:, 0], theirs[:, 0], atol=1e-4)
+    with pytest.raises(ValueError, match="unexpected key"):
+        convert_phreg_clip({"module.x": torch.zeros(1), **sd})
