@@ -184,6 +184,32 @@ class ExportConfig(Section):
     output: str | None = Field(None, description="Export folder. Default: <run_root>/exports/<student.name>.")
 
 
+class ZeroShotConfig(Section):
+    """Zero-shot open-vocabulary segmentation (README "CLIP recipe"); defaults: the PH-Reg /
+    NACLIP protocol for most benchmarks."""
+
+    labeled: str | None = Field(
+        None, description="Labeled set whose classes.json names are the prompts (synonyms comma-separated, class 0 = "
+        "background where prob_threshold > 0), or 'sample:labeled'. Default: no zero-shot segmentation.",
+    )
+    split: Literal["train", "val"] = Field("val", description="Split of the labeled set that is scored.")
+    text_model: str = Field("ViT-B-16", description="open_clip model whose text tower embeds the prompts.")
+    text_pretrained: str | None = Field(
+        None, description="open_clip weights tag of the text tower (e.g. 'openai'); null: a seeded random tower (offline).")
+    text_seed: int = Field(0, description="Seed of a random text tower.")
+    embeddings: str | None = Field(
+        None, description=".safetensors of precomputed class embeddings ('embeddings' (Q, D), 'class_index' (Q,)) from any "
+        "text encoder; replaces the text tower.",
+    )
+    short_side: int = Field(448, ge=1, description="Images are resized to this short side (336 for VOC20/COCO-Object, 560 "
+                            "for Cityscapes).")
+    crop: int = Field(336, ge=1, description="Sliding-window size in pixels (224 for Cityscapes).")
+    stride: int = Field(112, ge=1, description="Sliding-window stride in pixels.")
+    logit_scale: float = Field(40.0, gt=0, description="Cosines are multiplied by this before the softmax over queries.")
+    prob_threshold: float = Field(0.0, ge=0, le=1, description="Pixels whose best class probability is below this become "
+                                  "class 0 (background): 0.1 for VOC21, Context60, COCO-Object; 0 disables.")
+
+
 class EvaluateConfig(Section):
     # What is evaluated
     shards: str | None = Field(
@@ -242,6 +268,8 @@ class EvaluateConfig(Section):
         "'sample:labeled' for the small generated one. Default: no probes.",
     )
     probe_ridge: float = Field(1e-3, ge=0, description="Ridge penalty of the linear probes, relative to the mean feature energy.")
+    zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="Zero-shot segmentation with CLIP-space "
+                                     "features: a mapping of the options of ZeroShotConfig (README, 'CLIP recipe').")
     # Running and writing
     pca_images: int = Field(4, ge=1, description="Images shown in the pictures (PCA feature maps, norm and attention maps).")
     images_per_task: int = Field(8, ge=1, description="Images per Ray task (each task loads the models once).")

@@ -28,13 +28,14 @@ from pipeline.config import Config, TeacherConfig, expand_students
 from pipeline.data.images import INTERPOLATIONS, Preprocess, crop_box
 from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.evaluation import figures, metrics
+from pipeline.evaluation import figures, metrics, zeroshot
 from pipeline.evaluation.baselines import TEST_TIME_REGISTERS, LocateJob, locate_job, registers_baseline
 from pipeline.evaluation.labeled import SAMPLE as SAMPLE_LABELED
 from pipeline.evaluation.labeled import LabeledSet, load_item, open_labeled, write_labeled_sample
 from pipeline.evaluation.probes import ProbeSums, iou_per_class, mean_iou
 from pipeline.evaluation.report import markdown, table
 from pipeline.evaluation.tasks import TARGET, MeasureJob, ModelRef, ProbeJob, combine, measure, merge_sums, probe, resized
+from pipeline.evaluation.tasks import ZeroShotJob, zeroshot_segment
 from pipeline.models.vit import describe_teacher
 from pipeline.storage import absolute, exists, has_scheme, join_url, read_json, write_bytes_atomic
 from pipeline.targets.store import TargetStore, find_store
@@ -268,6 +269,70 @@ def _probe_figures(labeled: LabeledSet, p: Plan, results: dict[str, ProbeSums], 
     return written
 
 
+# --- zero-shot segmentation (Ray tasks over groups of labeled images) ----------------------
+
+@ray.remote(num_cpus=1, max_retries=2)
+def _zeroshot(job: ZeroShotJob) -> dict:
+    return zeroshot_segment(job)
+
+
+def class_queries(z, classes: list[str], dim: int, so) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, D) unit class embeddings and the class of each: from evaluate.zeroshot.embeddings,
+    else from the text tower (synonyms x CLIP's 80 templates)."""
+    if z.embeddings:
+        return zeroshot.load_class_embeddings(absolute(z.embeddings), len(classes), dim, so)
+    names, index = zeroshot.parse_class_names(classes)
+    queries = zeroshot.query_embeddings(zeroshot.open_clip_text_encoder(z.text_model, z.text_pretrained, z.text_seed), names)
+    if queries.shape[1] != dim:
+        raise ConfigError(f"the text tower {z.text_model} embeds in {queries.shape[1]} dimensions, the models' features have "
+                          f"{dim}: choose the CLIP text tower of the image tower, or evaluate.zeroshot.embeddings")
+    return queries, torch.tensor(index)
+
+
+def run_zeroshot(cfg: Config, p: Plan, output: str) -> dict | None:
+    so, e, z = cfg.storage.storage_options, cfg.evaluate, cfg.evaluate.zeroshot
+    if not z.labeled:
+        return None
+    url = write_labeled_sample(cfg.under_root("sample_labeled"), so) if z.labeled == SAMPLE_LABELED else absolute(z.labeled)
+    labeled = open_labeled(url, so)
+    items = labeled.with_masks(z.split)
+    if not items:
+        raise PipelineError(f"labeled set {url}: no masks in {z.split} for zero-shot segmentation")
+    dim = describe_teacher(cfg.teacher, so).dim
+    queries, class_index = class_queries(z, labeled.classes, dim, so)
+    params = {k: getattr(z, k) for k in ("short_side", "crop", "stride", "logit_scale", "prob_threshold")}
+    examples = [it.id for it in items[:e.pca_images]]
+    jobs = [ZeroShotJob(labeled, items[i:i + e.images_per_task], p.preprocess, p.models, queries, class_index, params,
+                        examples, so) for i in range(0, len(items), e.images_per_task)]
+    parts = _gather([_zeroshot.options(num_gpus=task_gpus()).remote(j) for j in jobs], "zero-shot")
+    report = {"labeled": url, "split": z.split, "images": len(items), "classes": labeled.classes, "models": {},
+              "protocol": f"short side {z.short_side}, windows {z.crop}/{z.stride}, logit scale {z.logit_scale:g}, "
+                          f"background below probability {z.prob_threshold:g}, "
+                          + (f"class embeddings `{z.embeddings}`" if z.embeddings else
+                             f"text tower {z.text_model} ({z.text_pretrained or f'random, seed {z.text_seed}'})")}
+    predictions = {}
+    for ref in p.models:
+        conf = sum(part[ref.name]["confusion"] for part in parts)
+        iou = iou_per_class(conf)
+        report["models"][ref.name] = {"miou": mean_iou(conf), "iou": {c: (None if np.isnan(v) else float(v))
+                                                                     for c, v in zip(labeled.classes, iou)}}
+        predictions[ref.name] = {k: v for part in parts for k, v in part[ref.name]["examples"].items()}
+    pixels, columns = [], {"ground truth": []} | {f"{m} zero-shot": [] for m in predictions}
+    for item in (it for it in items if it.id in examples):
+        img, mask, _ = load_item(item, labeled, so)
+        box = crop_box(img.width, img.height, p.preprocess.size, "center")
+        h, w = p.preprocess.size
+        pixels.append(np.asarray(img.resize((w, h), box=tuple(map(float, box)))))
+        columns["ground truth"].append(resized(mask, box, p.preprocess.size))
+        for m in predictions:
+            columns[f"{m} zero-shot"].append(resized(predictions[m][item.id], box, p.preprocess.size))
+    figures.label_grid(pixels, {k: np.stack(v) for k, v in columns.items()}, join_url(output, "zeroshot_seg.png"), so,
+                       title="Zero-shot segmentation on labeled images", class_names=labeled.classes,
+                       ignore_index=labeled.ignore_index)
+    report["figures"] = ["zeroshot_seg.png"]
+    return report
+
+
 # --- the run ------------------------------------------------------------------------------
 
 def task_gpus() -> int:
@@ -305,6 +370,7 @@ def evaluate_one(cfg: Config) -> dict:
     report = summarize(cfg, p, data)
     report["baselines"] = p.baselines
     report["probes"] = run_probes(cfg, p, p.output)
+    report["zeroshot"] = run_zeroshot(cfg, p, p.output)
     draw(cfg, p, data, report)
     write_bytes_atomic(join_url(p.output, "report.json"), json.dumps(report, indent=1).encode(), so)
     write_bytes_atomic(join_url(p.output, "report.md"), markdown(report).encode(), so)

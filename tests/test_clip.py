@@ -67,7 +67,7 @@ def test_naclip_block_is_key_key_attention_with_gaussian(teacher_cfg):
 def test_student_gets_value_block_registers_and_equals_value_teacher_without_registers(teacher_cfg):
     teacher = load_teacher(teacher_cfg)
     spec = describe_teacher(teacher_cfg)
-    assert spec.dim == 32 and spec.grid == (8, 8)
+    assert spec.dim == 512 and spec.grid == (8, 8)
     student, projection = build_any_student(teacher_cfg, StudentConfig(registers=0), spec, loaded_teacher=teacher)
     assert projection is None and student.blocks[-1].mode == "value" and teacher.blocks[-1].mode == "naclip"
     value_teacher = load_teacher(teacher_cfg.model_copy(update={"model_kwargs": {"dense_block": "value"}}))
@@ -91,7 +91,7 @@ def test_export_reloads_with_timm_and_runs_at_other_sizes(tmp_path, teacher_cfg)
             assert torch.equal(again.forward_features(x), student.forward_features(x))
 
 
-def authors_state(r=3, d=64, heads=4, depth=3, grid=8, patch=8, out=32, seed=0):
+def authors_state(r=3, d=64, heads=4, depth=3, grid=8, patch=8, out=512, seed=0):
     """A state dict in the layout of the authors' StudentCLIP (OpenAI CLIP under `vit.`)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -149,3 +149,40 @@ def test_authors_student_weights_convert_to_the_timm_student():
     assert torch.allclose(ours[:, 0], theirs[:, 0], atol=1e-4)
     with pytest.raises(ValueError, match="unexpected key"):
         convert_phreg_clip({"module.x": torch.zeros(1), **sd})
+
+
+@pytest.mark.slow
+def test_clip_preset_end_to_end_with_zero_shot_segmentation(tmp_path, ray_local):
+    """configs/clip.yaml on a small model of the same architecture: shard -> teacher-cache ->
+    distill -> export -> evaluate with zero-shot segmentation (random text tower)."""
+    import os
+
+    from pipeline.config import load_config
+    from stages import distill, evaluate, export, shard, teacher_cache
+    from tests.conftest import tiny_config
+
+    root = str(tmp_path / "run")
+    values = tiny_config(root).model_dump(mode="json")
+    overrides = {"storage.run_root": root, "storage.extra_roots": values["storage"]["extra_roots"],
+                 "shard.sample_size": 8, "shard.shard_size": 4, "teacher.model": TINY, "teacher.img_size": 64,
+                 "tta.counts": 4, "cache.num_actors": 1, "distill.num_workers": 1, "distill.epochs": 2,
+                 "student.unlock": ["reg_token", "pos_embed", "patch_embed.proj.*", "blocks.{last}.*", "blocks.1.*"],
+                 "evaluate.num_images": 2, "evaluate.pca_images": 2,
+                 "evaluate.zeroshot": {"labeled": "sample:labeled", "short_side": 64, "crop": 48, "stride": 16}}
+    cfg = load_config(["configs/clip.yaml"], overrides)
+    assert cfg.teacher.model_kwargs == {"dynamic_img_size": True} and cfg.evaluate.zeroshot.logit_scale == 40
+    shard.run(cfg)
+    teacher_cache.run(cfg)
+    distill.run(cfg)
+    export.run(cfg)
+    again = timm.create_model(f"local-dir:{cfg.export_url}", pretrained=True)
+    assert again.blocks[-1].mode == "value" and again.dynamic_img_size
+    report = evaluate.run(cfg)
+    z = report["zeroshot"]
+    assert set(z["models"]) == {"teacher", "student"} and z["images"] == 16
+    for m in z["models"].values():
+        assert 0 <= m["miou"] <= 1 and set(m["iou"]) == set(z["classes"])
+    text = open(os.path.join(cfg.eval_url, "report.md")).read()
+    assert "## Zero-shot segmentation" in text and f"{z['models']['student']['miou']:.4f}" in text
+    with open(os.path.join(cfg.eval_url, "zeroshot_seg.png"), "rb") as f:
+        assert f.read(4) == b"\x89PNG"

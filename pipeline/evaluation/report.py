@@ -42,6 +42,19 @@ def registers_section(location: dict | None) -> list[str]:
     return lines + [""]
 
 
+def zeroshot_section(z: dict | None) -> list[str]:
+    """Zero-shot mIoU per model and IoU per class, models side by side."""
+    if not z:
+        return []
+    models = list(z["models"])
+    lines = ["## Zero-shot segmentation", "", f"Labeled set `{z['labeled']}` ({z['images']} {z['split']} images); "
+             f"{z['protocol']}.", "", "| class | " + " | ".join(models) + " |", "|---|" + "---|" * len(models),
+             "| **mIoU** | " + " | ".join(fmt(z["models"][m]["miou"], 4) for m in models) + " |"]
+    for c in z["classes"]:
+        lines.append(f"| {c} | " + " | ".join(fmt(z["models"][m]["iou"][c], 3) for m in models) + " |")
+    return lines + [""] + [f"![{name}]({name})" for name in z["figures"]] + [""]
+
+
 def markdown(report: dict) -> str:
     img, rule, figs = report["images"], report["outlier_rule"], report.get("figures", {})
     lines = ["# Evaluation", ""]
@@ -80,6 +93,7 @@ def markdown(report: dict) -> str:
                          f"{fmt(d.get('abs_rel'), 3)} | {fmt(d.get('delta_1.25'), 3)} |")
         lines.append("")
         lines += [f"![{name}]({name})" for name in probes["figures"]] + [""]
+    lines += zeroshot_section(report.get("zeroshot"))
     lines += ["## Pictures", ""]
     for name, caption in figs.items():
         lines += [f"**{caption}**", "", f"![{name}]({name})", ""]

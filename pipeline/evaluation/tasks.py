@@ -4,6 +4,7 @@
 and returns small per-image arrays (token norms, attention, fidelity) plus the features and
 pixels of the images to be pictured; `combine` puts the tasks' results in index order.
 `probe` accumulates a linear probe's fit sums, or scores fitted weights, over labeled images.
+`zeroshot_segment` scores zero-shot segmentation (confusion matrices) over labeled images.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from pipeline.data.images import Preprocess, crop_box, decode_rgb
 from pipeline.data.manifest import Manifest
 from pipeline.data.shards import read_images
 from pipeline.errors import ConfigError
-from pipeline.evaluation import metrics
+from pipeline.evaluation import metrics, zeroshot
 from pipeline.evaluation.labeled import LabeledItem, LabeledSet, load_item
-from pipeline.evaluation.probes import ProbeSums
+from pipeline.evaluation.probes import ProbeSums, confusion
 from pipeline.models.export import load_exported_features
 from pipeline.models.test_time_registers import TestTimeRegisters
 from pipeline.models.vit import PatchFeatures, load_teacher, readout
@@ -183,3 +184,53 @@ def merge_sums(sums) -> ProbeSums:
     for s in sums:
         total = total.merge(s)
     return total
+
+
+@dataclass
+class ZeroShotJob:
+    labeled: LabeledSet
+    items: list[LabeledItem]
+    preprocess: Preprocess  # its normalisation; the size comes from `params`
+    models: list[ModelRef]
+    queries: torch.Tensor  # (Q, D) unit class embeddings
+    class_index: torch.Tensor  # (Q,) class of each query
+    params: dict  # short_side, crop, stride, logit_scale, prob_threshold
+    examples: list[str]  # item ids whose predictions come back for the pictures
+    storage_options: dict
+
+
+def dense_features(model: nn.Module, name: str):
+    """(B, C, h, w) -> (B, h/p, w/p, D) patch features at any input size the model accepts."""
+    if not getattr(model, "dynamic_img_size", False):
+        raise ConfigError(f"zero-shot segmentation runs {name} on sliding windows of another size than its training "
+                          "input: build it with teacher.model_kwargs: {dynamic_img_size: true} (configs/clip.yaml does)")
+    ph, pw = model.patch_embed.patch_size
+    device = next(model.parameters()).device
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            tokens = model.forward_features(x.to(device))[:, model.num_prefix_tokens:].float().cpu()
+        return tokens.reshape(x.shape[0], x.shape[-2] // ph, x.shape[-1] // pw, -1)
+
+    return features
+
+
+def zeroshot_segment(job: ZeroShotJob) -> dict[str, dict]:
+    """Per model: the confusion matrix over the job's images and the predictions of the
+    pictured ones (at the image's size)."""
+    so, labeled = job.storage_options, job.labeled
+    num_classes = len(labeled.classes)
+    mean, std = job.preprocess.mean_tensor(), job.preprocess.std_tensor()
+    loaded = [(item, *load_item(item, labeled, so)[:2]) for item in job.items]
+    out = {}
+    for ref in job.models:
+        features = dense_features(ref.load(so).model, ref.name)
+        conf, examples = np.zeros((num_classes, num_classes), dtype=np.int64), {}
+        for item, img, mask in loaded:
+            x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+            pred = zeroshot.segment(features, (x - mean) / std, job.queries, job.class_index, num_classes, **job.params)[0]
+            conf += confusion(pred, torch.from_numpy(mask), num_classes, labeled.ignore_index)
+            if item.id in job.examples:
+                examples[item.id] = pred.numpy().astype(np.int32)
+        out[ref.name] = {"confusion": conf, "examples": examples}
+    return out

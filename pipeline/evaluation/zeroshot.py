@@ -21,9 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from pipeline.errors import PipelineError
+from pipeline.storage import read_bytes
 
 # CLIP's 80 ImageNet prompt templates (Radford et al., 2021, the released prompt-engineering
 # notebook), the prompts NACLIP, SCLIP and PH-Reg use for segmentation.
@@ -97,10 +98,14 @@ def save_class_embeddings(path: str, embeddings: torch.Tensor, class_index: Sequ
                "class_index": torch.as_tensor(class_index, dtype=torch.int64)}, path)
 
 
-def load_class_embeddings(path: str, num_classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_class_embeddings(path: str, num_classes: int, dim: int, storage_options=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Read precomputed queries; refuse a file that does not fit the classes or the features."""
     try:
-        t = load_file(path)
+        data = read_bytes(path, storage_options)
+    except FileNotFoundError:
+        raise PipelineError(f"class embeddings {path}: no such file") from None
+    try:
+        t = load(data)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
         raise PipelineError(f"class embeddings {path}: not a readable .safetensors file ({e})") from e
     if set(t) != {"embeddings", "class_index"}:

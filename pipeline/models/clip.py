@@ -141,9 +141,10 @@ def vit_clip_dense_base_patch16(pretrained: bool = False, **kwargs) -> ClipDense
 
 @register_model
 def vit_clip_dense_tiny_patch8(pretrained: bool = False, **kwargs) -> ClipDenseVisionTransformer:
-    """The same architecture, small (depth 3, width 64, patch 8, 64 px), for tests."""
+    """The same architecture, small (depth 3, width 64, patch 8, 64 px) for tests; features in a
+    512-d space, so that a CLIP-B text tower (seeded random offline) fits them."""
     args = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, pre_norm=True, img_size=64,
-                norm_layer=partial(LayerNorm, eps=1e-5), act_layer="quick_gelu", proj_dim=32)
+                norm_layer=partial(LayerNorm, eps=1e-5), act_layer="quick_gelu", proj_dim=512)
     return _create("vit_clip_dense_tiny_patch8", pretrained, args, kwargs)
 
 

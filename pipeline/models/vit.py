@@ -284,7 +284,7 @@ def readout(model: nn.Module, x: torch.Tensor, block: int | None = None):
     prefix = model.num_prefix_tokens
     residual = captured["residual"][:, prefix:].reshape(n, gh, gw, -1) if block is not None else None
     cls_attention = None
-    if with_attention:
+    if "attn_in" in captured:  # absent when the last block never calls its attention module (CLIP dense blocks)
         t = captured["attn_in"]
         qkv = attn.qkv(t).reshape(n, t.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
