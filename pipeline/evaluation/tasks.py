@@ -201,13 +201,15 @@ class ZeroShotJob:
 
 def dense_features(model: nn.Module, name: str):
     """(B, C, h, w) -> (B, h/p, w/p, D) patch features at any input size the model accepts."""
-    if not getattr(model, "dynamic_img_size", False):
-        raise ConfigError(f"zero-shot segmentation runs {name} on sliding windows of another size than its training "
-                          "input: build it with teacher.model_kwargs: {dynamic_img_size: true} (configs/clip.yaml does)")
     ph, pw = model.patch_embed.patch_size
     device = next(model.parameters()).device
+    fixed = None if getattr(model, "dynamic_img_size", False) else tuple(model.patch_embed.img_size)
 
     def features(x: torch.Tensor) -> torch.Tensor:
+        if fixed is not None and tuple(x.shape[-2:]) != fixed:
+            raise ConfigError(f"zero-shot segmentation runs {name} on {x.shape[-2]}x{x.shape[-1]} windows, its input is "
+                              f"{fixed[0]}x{fixed[1]}: build it with teacher.model_kwargs: {{dynamic_img_size: true}} "
+                              "(configs/clip.yaml does) or set evaluate.zeroshot.crop and short_side to its input size")
         with torch.inference_mode():
             tokens = model.forward_features(x.to(device))[:, model.num_prefix_tokens:].float().cpu()
         return tokens.reshape(x.shape[0], x.shape[-2] // ph, x.shape[-1] // pw, -1)

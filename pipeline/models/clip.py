@@ -33,6 +33,8 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, _cfg, checkpoint_filter_fn
 from torch import nn
 
+from pipeline.models.planted import PlantedVisionTransformer
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DENSE_BLOCKS = ("naclip", "value", "none")
@@ -196,3 +198,26 @@ def phreg_clip_student(state: dict[str, torch.Tensor], **kwargs) -> ClipDenseVis
                                         no_embed_class=True, dense_block="value", **kwargs)
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+# --- a CLIP-form teacher with artifacts planted by construction --------------------------------
+
+class PlantedClipDenseVisionTransformer(ClipDenseVisionTransformer, PlantedVisionTransformer):
+    """`ClipDenseVisionTransformer` with the planted artifacts of `pipeline.models.planted`
+    (fixed high-norm vectors added to the residual stream before the last block at a few
+    cells, switched by the position embedding): the dense last block turns them into corrupted
+    joint-space features at those cells, as real artifact tokens corrupt CLIP's dense features."""
+
+
+default_cfgs["vit_clip_dense_planted_tiny_patch8"] = _cfg(url="", input_size=(3, 96, 96), num_classes=0,
+                                                          mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, license="none")
+
+
+@register_model
+def vit_clip_dense_planted_tiny_patch8(pretrained: bool = False, **kwargs) -> PlantedClipDenseVisionTransformer:
+    """CLIP form (pre-norm, quick-GELU, dense last block, projection to 64-d) of the planted
+    teacher: depth 4, width 96, patch 8, 96 px, artifacts at 3 cells of the 12x12 grid."""
+    args = dict(patch_size=8, embed_dim=96, depth=4, num_heads=3, pre_norm=True, img_size=96,
+                norm_layer=partial(LayerNorm, eps=1e-5), act_layer="quick_gelu", proj_dim=64)
+    return build_model_with_cfg(PlantedClipDenseVisionTransformer, "vit_clip_dense_planted_tiny_patch8", pretrained,
+                                pretrained_filter_fn=clip_filter_fn, **dict(args, **kwargs))
