@@ -401,9 +401,16 @@ def neuron_planted(work: Path) -> dict:
     return measure(str(work / "neuron_planted"))
 
 
+def zeroshot(work: Path) -> dict:
+    from bench.clip_planted import zeroshot_planted
+
+    shutil.rmtree(work / "zeroshot", ignore_errors=True)
+    return zeroshot_planted(str(work / "zeroshot"))
+
+
 SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,
             "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted, "caching": caching_price,
-            "neuron_planted": neuron_planted}
+            "neuron_planted": neuron_planted, "zeroshot": zeroshot}
 
 
 def main() -> None:

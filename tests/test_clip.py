@@ -188,101 +188,49 @@ def test_clip_preset_end_to_end_with_zero_shot_segmentation(tmp_path, ray_local)
         assert f.read(4) == b"\x89PNG"
 
 
-PLANTED = "vit_clip_dense_planted_tiny_patch8"
-
-
-def class_prototypes(model, labeled, size, skip_cells):
-    """Unit mean feature of each class over the labeled train split (planted cells left out):
-    a stand-in text encoder that knows the classes, fitted to the teacher."""
-    import numpy as np
-    from PIL import Image
-
-    from pipeline.evaluation.labeled import load_item
-    from pipeline.models.vit import patch_features
-
-    grid = size // 8
-    sums = torch.zeros(len(labeled.classes), model.feature_dim)
-    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
-    for item in labeled.with_masks("train"):
-        img, mask, _ = load_item(item, labeled)
-        x = torch.from_numpy(np.asarray(img.resize((size, size)), dtype=np.float32) / 255.0)
-        x = ((x - mean) / std).permute(2, 0, 1)[None]
-        labels = torch.from_numpy(np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((grid, grid), Image.NEAREST)))
-        with torch.no_grad():
-            f = F.normalize(patch_features(model, x)[0], dim=-1).reshape(grid * grid, -1)
-        keep = torch.ones(grid * grid, dtype=torch.bool)
-        keep[skip_cells] = False
-        labels = labels.flatten().long()
-        keep &= labels != labeled.ignore_index
-        sums.index_add_(0, labels[keep], f[keep])
-    return F.normalize(sums, dim=-1)
-
-
 @pytest.mark.slow
 def test_planted_clip_teacher_corrupts_zero_shot_and_the_student_recovers(tmp_path, ray_local):
     """The planted cells of a CLIP-form teacher carry no image content, so zero-shot predictions
-    there are wrong more often than elsewhere; the distilled student's zero-shot mIoU on the
-    labeled images (never seen in training) is higher than the teacher's."""
+    there are wrong more often than elsewhere, and less so in the distilled student; its
+    zero-shot mIoU on the labeled images (never seen in training) is higher than the teacher's."""
     import os
 
-    from pipeline.evaluation.labeled import open_labeled, write_labeled_sample
+    from bench.clip_planted import class_prototypes, config, normalised, patch_labels
+    from pipeline.evaluation.labeled import load_item, open_labeled, write_labeled_sample
     from pipeline.evaluation.zeroshot import save_class_embeddings
-    from stages import distill, evaluate, export, shard, teacher_cache
-    from tests.conftest import tiny_config
-
-    root = str(tmp_path / "run")
-    labeled_url = write_labeled_sample(str(tmp_path / "labeled"))
-    embeddings = str(tmp_path / "classes.safetensors")
-    cfg = tiny_config(root, **{
-        "teacher.model": PLANTED, "teacher.img_size": 96, "teacher.model_kwargs": {}, "tta.counts": 10,
-        "cache.batch_images": 4, "shard.sample_size": 24, "shard.shard_size": 8, "distill.epochs": 40,
-        "distill.batch_size": 8, "distill.lr": 1e-3, "distill.final_lr": 5e-5, "distill.checkpoint_every": 1000,
-        "distill.log_every": 40, "evaluate.num_images": 4, "evaluate.images_per_task": 32,
-        "evaluate.zeroshot": {"labeled": labeled_url, "embeddings": embeddings, "short_side": 96, "crop": 96, "stride": 32},
-    })
-    shard.run(cfg)
-    teacher_cache.run(cfg)
-    distill.run(cfg)
-    export.run(cfg)
-    teacher = load_teacher(cfg.teacher)
-    labeled = open_labeled(labeled_url)
-    cells = teacher.plant_index.tolist()
-    queries = class_prototypes(teacher, labeled, 96, cells)
-    save_class_embeddings(embeddings, queries, list(range(len(labeled.classes))))
-    report = evaluate.run(cfg)
-    z = report["zeroshot"]["models"]
-    assert z["student"]["miou"] > z["teacher"]["miou"]
-
-    # at the planted cells the teacher's features hold the artifact, not the image
     from pipeline.models.export import load_exported
     from pipeline.models.vit import patch_features
-    student = load_exported(cfg.export_url)
-    import numpy as np
-    from PIL import Image
+    from stages import distill, evaluate, export, shard, teacher_cache
 
-    from pipeline.evaluation.labeled import load_item
-    hits = {"teacher": [0, 0], "student": [0, 0]}  # correct at planted cells, correct elsewhere
-    counts = [0, 0]
-    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    root = str(tmp_path)
+    labeled = open_labeled(write_labeled_sample(os.path.join(root, "labeled")))
+    embeddings = os.path.join(root, "classes.safetensors")
+    cfg = config(root, labeled.root, embeddings)
+    for stage in (shard, teacher_cache, distill, export):
+        stage.run(cfg)
+    teacher, student = load_teacher(cfg.teacher), load_exported(cfg.export_url)
+    cells = teacher.plant_index.tolist()
+    queries = class_prototypes(teacher, labeled, cells)
+    save_class_embeddings(embeddings, queries, list(range(len(labeled.classes))))
+    z = evaluate.run(cfg)["zeroshot"]["models"]
+    assert z["student"]["miou"] > z["teacher"]["miou"]
+
+    planted = torch.zeros(144, dtype=torch.bool)
+    planted[cells] = True
+    right = {"teacher": torch.zeros(2), "student": torch.zeros(2)}  # correct patches: at planted cells, elsewhere
+    total = torch.zeros(2)
     for item in labeled.with_masks("val"):
         img, mask, _ = load_item(item, labeled)
-        x = torch.from_numpy(np.asarray(img.resize((96, 96)), dtype=np.float32) / 255.0)
-        x = ((x - mean) / std).permute(2, 0, 1)[None]
-        labels = torch.from_numpy(np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((12, 12), Image.NEAREST)))
-        labels = labels.flatten().long()
-        planted = torch.zeros(144, dtype=torch.bool)
-        planted[cells] = True
-        valid = labels != 255
-        counts[0] += int((valid & planted).sum())
-        counts[1] += int((valid & ~planted).sum())
+        labels = patch_labels(mask, 12)
+        valid = labels != labeled.ignore_index
+        total += torch.stack([(valid & planted).sum(), (valid & ~planted).sum()])
         for name, model in (("teacher", teacher), ("student", student)):
             with torch.no_grad():
-                pred = (F.normalize(patch_features(model, x)[0], dim=-1).reshape(144, -1) @ queries.T).argmax(-1)
-            right = (pred == labels) & valid
-            hits[name][0] += int((right & planted).sum())
-            hits[name][1] += int((right & ~planted).sum())
-    acc = {n: (h[0] / counts[0], h[1] / counts[1]) for n, h in hits.items()}
+                f = F.normalize(patch_features(model, normalised(img, teacher))[0], dim=-1).reshape(144, -1)
+            ok = ((f @ queries.T).argmax(-1) == labels) & valid
+            right[name] += torch.stack([(ok & planted).sum(), (ok & ~planted).sum()])
+    acc = {n: (r / total).tolist() for n, r in right.items()}
     print("patch accuracy (planted cells, elsewhere):", acc, "mIoU:", {n: m["miou"] for n, m in z.items()})
     assert acc["teacher"][0] < acc["teacher"][1] - 0.1
-    assert acc["student"][0] > acc["teacher"][0]
+    assert acc["student"][0] > acc["teacher"][0] + 0.2
     assert os.path.exists(os.path.join(cfg.eval_url, "zeroshot_seg.png"))

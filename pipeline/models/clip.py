@@ -38,7 +38,8 @@ from pipeline.models.planted import PlantedVisionTransformer
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DENSE_BLOCKS = ("naclip", "value", "none")
-# NACLIP's published default width, in patches; measured against other widths in BENCHMARKS.md.
+# In patches: NACLIP's published default. Not tuned here (no CLIP weights offline); README lists it
+# among the values the authors' code leaves open.
 GAUSSIAN_STD = 5.0
 
 
