@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import StudentConfig, TeacherConfig
-from pipeline.models.clip import convert_phreg_clip, neighbourhood
+from pipeline.models.clip import convert_phreg_clip, neighbourhood, phreg_clip_student
 from pipeline.models.export import write_folder
 from pipeline.models.vit import build_any_student, describe_teacher, load_teacher
 
@@ -138,8 +138,8 @@ def authors_forward(sd, x, r, heads, depth):
 
 def test_authors_student_weights_convert_to_the_timm_student():
     sd = authors_state()
-    model = timm.create_model(TINY, num_classes=0, reg_tokens=3, no_embed_class=True, dense_block="value").eval()
-    model.load_state_dict(convert_phreg_clip(sd), strict=True)
+    model = phreg_clip_student(sd, TINY)
+    assert model.patch_embed.img_size == (64, 64) and model.reg_token.shape == (1, 3, 64)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours = model.forward_features(x)

@@ -26,6 +26,7 @@ import math
 import re
 from functools import partial
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm
@@ -189,16 +190,17 @@ def convert_phreg_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def phreg_clip_student(state: dict[str, torch.Tensor], **kwargs) -> ClipDenseVisionTransformer:
-    """A timm student holding the authors' released weights (ViT-B/16 at the resolution of
-    their position embedding)."""
+def phreg_clip_student(state: dict[str, torch.Tensor], model: str = "vit_clip_dense_base_patch16",
+                       **kwargs) -> ClipDenseVisionTransformer:
+    """A timm student (`model`, ViT-B/16 by default) holding the authors' released weights, at
+    the resolution of their position embedding."""
     converted = convert_phreg_clip(state)
     side = math.isqrt(converted["pos_embed"].shape[1])
     patch = converted["patch_embed.proj.weight"].shape[-1]
-    model = vit_clip_dense_base_patch16(img_size=side * patch, reg_tokens=converted["reg_token"].shape[1],
-                                        no_embed_class=True, dense_block="value", **kwargs)
-    model.load_state_dict(converted, strict=True)
-    return model.eval()
+    student = timm.create_model(model, img_size=side * patch, reg_tokens=converted["reg_token"].shape[1],
+                                no_embed_class=True, dense_block="value", num_classes=0, **kwargs)
+    student.load_state_dict(converted, strict=True)
+    return student.eval()
 
 
 # --- a CLIP-form teacher with artifacts planted by construction --------------------------------
