@@ -1,0 +1,100 @@
+"""Every (image, target) a reader yields belongs together, whatever order the plan asks for.
+
+The planted teachers cannot see a mispairing (their artifacts do not depend on the image), so
+here every row of the store is distinct random data, every image is distinct, and every crop
+box differs: a pair read from the wrong row, the wrong image or the wrong box fails."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import ShardConfig
+from pipeline.data.images import Preprocess, decode_rgb
+from pipeline.data.ingest import build_shard
+from pipeline.data.manifest import Manifest
+from pipeline.data.shards import read_images
+from pipeline.targets.store import StoreSpec, TargetStore
+from pipeline.targets.teacher_targets import prepare
+from pipeline.training.pairs import CachedPairs, OnlineViews
+
+CAPACITY, UNIT_ROWS, V = 6, 3, 2
+PRE = {"size": [32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}
+TEACHER = {"model": "m", "weights": "w", "img_size": [32, 32], "patch": [16, 16], "grid": [2, 2], "dim": 8,
+           "num_prefix_tokens": 1, "preprocess": PRE}
+# a shuffled plan over several units of two shards, positions out of order, one unit partial
+PLAN = [(3, np.array([2, 0, 1])), (0, np.array([1, 2, 0])), (2, np.array([0])), (1, np.array([2, 1]))]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two shards of 6 distinct images of different sizes (4 units of 3), no Ray needed."""
+    tmp = tmp_path_factory.mktemp("pairing")
+    rng = np.random.default_rng(0)
+    out = str(tmp / "shards")
+    counts = {}
+    for s in range(2):
+        inputs = []
+        for k in range(CAPACITY):
+            h, w = 40 + 7 * k, 52 + 5 * s + 3 * k
+            path = tmp / f"img{s}_{k}.png"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+            inputs.append(str(path))
+        counts[s] = build_shard(s, inputs, ShardConfig(), CAPACITY, out)["count"]
+    manifest = Manifest(out, "pairing", CAPACITY, UNIT_ROWS, counts)
+    manifest.save()
+    return tmp, Manifest.load(out)
+
+
+def _store(tmp, manifest, dtype):
+    spec = StoreSpec(teacher=TEACHER, counts=3, shift_frac=0.15, flip=True, seed=0, dtype=dtype, variants=V,
+                     crop="random", corpus_id="pairing", unit_rows=UNIT_ROWS)
+    store = TargetStore.create_or_open(str(tmp / "cache"), spec, manifest.url, num_rows=manifest.num_rows)
+    rng = np.random.default_rng(1)
+    for unit in manifest.units():
+        feats = torch.from_numpy(rng.normal(size=(unit.count, V, 2, 2, 8)).astype(np.float32) * 3)
+        # a different box per row and variant, inside every image (all are at least 40 x 52)
+        left, top = rng.uniform(0, 8, (unit.count, V)), rng.uniform(0, 8, (unit.count, V))
+        side = rng.uniform(24, 32, (unit.count, V))
+        boxes = np.stack([left, top, left + side, top + side], -1)
+        store.mark_complete(unit.id, {"images": unit.count, **store.write_unit(unit, feats, boxes)})
+    return store
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_cached_pairs_follow_a_shuffled_plan(corpus, dtype):
+    tmp, manifest = corpus
+    store = _store(tmp, manifest, dtype)
+    pre = Preprocess.from_dict(PRE)
+    units = {u.id: u for u in manifest.units()}
+    reader = CachedPairs(manifest, pre, store=store)
+    for epoch in (0, 1, 3):
+        variant = epoch % V
+        expected = [units[u].start + int(p) for u, positions in PLAN for p in positions]
+        pairs = list(reader.examples(PLAN, epoch))
+        assert len(pairs) == len(expected)
+        for index, (image, target) in zip(expected, pairs):
+            row = slice(index, index + 1)
+            want_target = store.read(row, variant)[0]
+            box = store.read_boxes(row, variant)[0]
+            want_image = pre(decode_rgb(read_images(manifest, [index])[0]), box)
+            assert torch.equal(target, torch.from_numpy(want_target)), (epoch, index)
+            assert torch.equal(image, want_image), (epoch, index)
+
+
+def test_online_views_follow_a_shuffled_plan(corpus):
+    tmp, manifest = corpus
+    spec = StoreSpec(teacher=TEACHER, counts=3, shift_frac=0.5, flip=True, seed=0, dtype="float32", variants=1,
+                     crop="random", corpus_id="pairing", unit_rows=UNIT_ROWS)
+    pre = Preprocess.from_dict(PRE)
+    units = {u.id: u for u in manifest.units()}
+    reader = OnlineViews(manifest, pre, spec=spec)
+    for epoch in (0, 2):
+        expected = [units[u].start + int(p) for u, positions in PLAN for p in positions]
+        got = list(reader.examples(PLAN, epoch))
+        assert len(got) == len(expected)
+        for index, (image, offsets, flips) in zip(expected, got):
+            item = prepare(decode_rgb(read_images(manifest, [index])[0]), index, epoch, spec, pre, 0)
+            assert torch.equal(image, item.image), (epoch, index)
+            assert np.array_equal(offsets, item.offsets) and np.array_equal(flips, item.flips), (epoch, index)
