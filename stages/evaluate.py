@@ -1,4 +1,5 @@
-"""Evaluate stage: artifact tokens, target fidelity, dense linear probes, pictures, one report.
+"""Evaluate stage: artifact tokens, target fidelity, dense linear probes, zero-shot
+segmentation, pictures, one report.
 
 Two modes:
 - pipeline (default): the teacher, its denoised targets and the exported student on the images
@@ -11,7 +12,7 @@ Ray tasks do the per-image work: each loads the models once and reads its own im
 target rows) from storage. The driver combines their small per-image results, draws the
 figures and writes everything under the report folder (a local folder or any storage URL):
 report.md, report.json, pca.png, norms.png, norms_residual.png, norm_hist.png,
-outlier_map.png, attention.png, probe_seg.png, probe_depth.png.
+outlier_map.png, attention.png, probe_seg.png, probe_depth.png, zeroshot_seg.png.
 """
 from __future__ import annotations
 
