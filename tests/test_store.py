@@ -27,6 +27,27 @@ def test_encodings_round_trip(dtype, tol):
     assert rel.max() <= tol
 
 
+# bounds on a token's relative error: half an ulp of the format; int8 rounds each channel to
+# absmax/254 at most, sqrt(D) of those against a norm of at least absmax
+@pytest.mark.parametrize("dtype, tol", [("float32", 0), ("float16", 2 ** -11), ("bfloat16", 2 ** -8),
+                                        ("int8", 8 ** 0.5 / 254)])
+def test_every_dtype_through_the_store_keeps_each_token_and_its_norm(tmp_path, dtype, tol):
+    """Write and read through the store (V = 2, a unit not at row 0): cosine ignores scale, so
+    check each token's relative error and norm against float32, with token norms spread over
+    six decades so that a wrong, missing or misaligned `scales` row cannot pass."""
+    store = TargetStore.create_or_open(str(tmp_path), replace(SPEC, dtype=dtype), "m", num_rows=9)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 2, 2, 2, 8, generator=g) * 10 ** (torch.rand(3, 2, 2, 2, 1, generator=g) * 6 - 3)
+    store.write_unit(Unit(1, 1, 0, 3, 3), feats, np.zeros((3, 2, 4)))
+    for variant in range(2):
+        x = feats[:, variant].numpy()
+        back = store.read(slice(3, 6), variant)
+        norm = np.linalg.norm(x, axis=-1)
+        rel = np.linalg.norm(back - x, axis=-1) / norm
+        assert rel.max() <= tol, (variant, rel.max())
+        assert np.abs(np.linalg.norm(back, axis=-1) / norm - 1).max() <= tol
+
+
 def test_bfloat16_bits_are_plain_uint16():
     stored, _ = encode(torch.tensor([1.0, -2.0, 0.5]), "bfloat16")
     assert stored.dtype == np.uint16 and stored.tolist() == [0x3F80, 0xC000, 0x3F00]
