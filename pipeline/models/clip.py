@@ -97,6 +97,8 @@ class ClipDenseVisionTransformer(VisionTransformer):
                              qkv_bias=old.attn.qkv.bias is not None, mlp_ratio=old.mlp.fc1.out_features / self.embed_dim,
                              norm_layer=type(old.norm1), act_layer=type(old.mlp.act))
             new.norm1.eps = new.norm2.eps = old.norm1.eps
+            # A random-init model keeps PyTorch's default initialisation here (larger than timm's), on
+            # which the planted-artifact construction's numbers were measured; pretrained weights replace it.
             self.blocks[-1] = new
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
