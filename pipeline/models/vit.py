@@ -69,9 +69,12 @@ def load_weights(url: str, storage_options=None) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch names the offending global on a later line than its generic first one
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
         raise UnsafeWeightsError(
             f"refusing to load {url}: it contains pickled objects other than tensors "
-            f"(loading it would execute code). Convert it to .safetensors. Detail: {str(e).splitlines()[0]}"
+            f"(loading it would execute code). Convert it to .safetensors. Detail: {detail}"
         ) from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
