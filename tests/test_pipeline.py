@@ -122,15 +122,23 @@ def test_targets_identical_across_runs_and_worker_counts(tmp_path, ray_local):
     assert a.url.rsplit("/", 1)[1] == b.url.rsplit("/", 1)[1]  # same fingerprint
     ta, tb = zarr.open_group(a.zarr_url, mode="r")["targets"][:], zarr.open_group(b.zarr_url, mode="r")["targets"][:]
     assert np.array_equal(ta, tb)
-    # and identical to a direct, single-process computation of one image
+    # and every row, every variant, identical to a direct single-process computation of that
+    # image alone; rows no image owns stay empty
     from pipeline.targets.teacher_targets import TeacherTargets, unit_items
 
     manifest = Manifest.load(one.shards_url)
     computer = TeacherTargets(one.teacher, a, manifest)
-    unit = manifest.units()[1]
-    item = next(unit_items(manifest, unit, a.spec, computer.preprocess))
-    direct = computer.targets([item])[0].half().numpy()
-    assert np.array_equal(direct, ta[unit.start, 0])
+    boxes = zarr.open_group(a.zarr_url, mode="r")["boxes"][:]
+    owned = set()
+    for unit in manifest.units():
+        for item in unit_items(manifest, unit, a.spec, computer.preprocess):
+            index = unit.start + item.row
+            direct = computer.targets([item])[0].half().numpy()
+            assert np.array_equal(direct, ta[index, item.variant]), (index, item.variant)
+            assert np.array_equal(np.float32(item.box), boxes[index, item.variant]), (index, item.variant)
+            owned.add(index)
+    assert len(owned) == manifest.num_images
+    assert not ta[[i for i in range(len(ta)) if i not in owned]].any()
 
 
 def test_bad_inputs_are_rejected_with_reasons(tmp_path, ray_local):
