@@ -234,3 +234,26 @@ def test_planted_clip_teacher_corrupts_zero_shot_and_the_student_recovers(tmp_pa
     assert acc["teacher"][0] < acc["teacher"][1] - 0.1
     assert acc["student"][0] > acc["teacher"][0] + 0.2
     assert os.path.exists(os.path.join(cfg.eval_url, "zeroshot_seg.png"))
+
+
+def test_timm_clip_checkpoints_load_with_the_projection_on_every_token():
+    """A checkpoint of timm's CLIP layout (image projection as `head`) loads through the
+    registered filter: with the last block left as it is, features are timm's tokens through
+    its head; the position embedding is resampled to the model's size."""
+    from functools import partial
+
+    from timm.layers import LayerNorm
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    clip = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=4, pre_norm=True,
+                             norm_layer=partial(LayerNorm, eps=1e-5), act_layer="quick_gelu", num_classes=512).eval()
+    state = clip.state_dict()
+    ours = timm.create_model(TINY, pretrained=True, dense_block="none",
+                             pretrained_cfg_overlay={"state_dict": state, "source": ""}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expect = F.linear(clip.forward_features(x), clip.head.weight)
+        assert torch.allclose(ours.forward_features(x), expect, atol=1e-5)
+    bigger = timm.create_model(TINY, pretrained=True, img_size=96, pretrained_cfg_overlay={"state_dict": state, "source": ""})
+    assert bigger.pos_embed.shape == (1, 145, 64)
