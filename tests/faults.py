@@ -2,7 +2,8 @@
 
 Each request is forwarded to the endpoint, or, at the configured rates, answered with a
 503 SlowDown / 500 InternalError, or has its connection dropped without an answer. With
-`down` set, every request gets a 503.
+`down` set, every request gets a 503; with `refuse` set, every request for which
+`refuse(method, path)` is true does (it sees every request, so it can count them).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class FaultyProxy:
     def __init__(self, target: str, error_rate: float = 0.0, drop_rate: float = 0.0, seed: int = 0):
         self.target = urlsplit(target)
         self.error_rate, self.drop_rate, self.down = error_rate, drop_rate, False
+        self.refuse = None
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "errors": 0, "drops": 0}
@@ -40,9 +42,9 @@ class FaultyProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _decide(self) -> str:
+    def _decide(self, method: str = "", path: str = "") -> str:
         with self.lock:
-            if self.down:
+            if self.down or (self.refuse is not None and self.refuse(method, path)):
                 return "error"
             r = self.rng.random()
             if r < self.drop_rate:
@@ -78,7 +80,7 @@ class FaultyProxy:
 
             def _any(self):
                 body = self._body()
-                action = proxy._decide()
+                action = proxy._decide(self.command, self.path)
                 if action == "drop":
                     proxy._count("drops")
                     self.close_connection = True

@@ -88,6 +88,45 @@ def test_dead_storage_fails_with_a_clear_message_and_marks_nothing(proxy, ray_lo
         p.startswith(store.url.removeprefix("s3://")) for p in fs.glob(root.removeprefix("s3://") + "/cache/*/complete/*.json"))
 
 
+def test_storage_that_dies_mid_run_leaves_only_markers_that_match_their_rows(proxy, ray_local, tmp_path):
+    """Target writes start failing for good once a first unit is marked: the stage fails with
+    a storage error, and every marker on storage describes rows that are really there."""
+    from pipeline.data.manifest import Manifest
+    from pipeline.targets.store import TargetStore
+    from pipeline.targets.store_check import check_unit
+
+    options = {"client_kwargs": {"endpoint_url": proxy.url},
+               "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    root = _bucket(options) + "/run"
+    cfg = tiny_config(root, options, **{"shard.shard_size": 2, "shard.unit_rows": 2})
+    manifest = shard.run(cfg)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    marked = []
+
+    def refuse(method, url):
+        if method == "PUT" and "/complete/" in url:
+            marked.append(url)
+            return False
+        return bool(marked) and method in ("PUT", "POST") and "/targets.zarr/" in url
+
+    proxy.refuse = refuse
+    proc = subprocess.run([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    proxy.refuse = None
+    assert marked, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "storage error" in proc.stderr and "Traceback" not in proc.stderr
+    fs = s3fs.S3FileSystem(**options)
+    (folder,) = {p.split("/complete/")[0] for p in fs.glob(root.removeprefix("s3://") + "/cache/*/complete/*.json")}
+    store = TargetStore("s3://" + folder, options)
+    units = {u.id: u for u in Manifest.load(cfg.shards_url, options).units()}
+    done = store.completed()
+    assert 0 < len(done) < len(units)
+    for unit_id in done:
+        assert check_unit(store, units[unit_id], store.marker(unit_id)) == [], unit_id
+
+
 def test_a_second_concurrent_run_is_refused_and_the_store_verifies(tmp_path, ray_local):
     settings = {"teacher.img_size": 224, "teacher.model_kwargs": {}, "tta.counts": 6, "shard.sample_size": 16,
                 "shard.shard_size": 2}
