@@ -177,6 +177,9 @@ def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_
     psutil.wait_procs([psutil.Process(p.pid) if isinstance(p, subprocess.Popen) else p for p in tree], timeout=30)
     partial = _markers(killed_root)
     assert 1 <= partial < units
+    marker_dir = os.path.join(killed_root, os.path.basename(ref_store.url), "complete")
+    finished = {n: (os.stat(os.path.join(marker_dir, n)).st_mtime_ns, open(os.path.join(marker_dir, n)).read())
+                for n in os.listdir(marker_dir)}
 
     # 2. resume; kill -9 a teacher actor while it computes: Ray restarts it and retries its unit
     proc = _run_cli(config_path, env)
@@ -184,6 +187,11 @@ def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_
     _busy_actors(proc)[0].kill()
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out.decode()[-3000:]
+    # exactly the units without a marker were recomputed: the finished ones' markers are untouched
+    assert f"{units - partial} to compute ({partial} already complete)" in out.decode()
+    for name, (mtime, text) in finished.items():
+        path = os.path.join(marker_dir, name)
+        assert os.stat(path).st_mtime_ns == mtime and open(path).read() == text, name
 
     # the resumed store equals the uninterrupted one, and verifies
     killed = zarr.open_group(os.path.join(killed_root, os.path.basename(ref_store.url), "targets.zarr"), mode="r")
