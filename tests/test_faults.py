@@ -212,3 +212,51 @@ def test_no_secret_reaches_a_file_or_a_log(s3_endpoint, ray_local, tmp_path, cap
         assert "<redacted>" in written["config"]
     finally:
         del os.environ["AWS_SESSION_TOKEN"]
+
+
+STAGES_WITH_SECRET = """
+import sys
+from stages import distill, export, shard, teacher_cache
+from tests.conftest import tiny_config
+options = {"client_kwargs": {"endpoint_url": sys.argv[2]}, "key": "testing", "secret": sys.argv[3]}
+cfg = tiny_config(sys.argv[1], options, **{"distill.epochs": 1})
+shard.run(cfg)
+teacher_cache.run(cfg)
+distill.run(cfg)
+export.run(cfg)
+print("stages done")
+"""
+
+
+def test_no_secret_reaches_any_file_of_a_fresh_process_and_its_ray(s3_endpoint, tmp_path):
+    """The secret is in the environment of a new process before its own local Ray starts, so
+    every Ray worker inherits it; every file that process tree writes is scanned: the run root,
+    the store, Ray's whole session folder and temporary files, and the console."""
+    import shutil
+    import tempfile
+
+    secret_env, secret_option = "PLANTED-ENV-SECRET-c81d", "PLANTED-OPTION-SECRET-3e57"
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "key": "testing", "secret": secret_option}
+    root = _bucket(options) + "/run"
+    scratch = tempfile.mkdtemp(prefix="phs", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        ray_tmp, tmp = os.path.join(scratch, "r"), os.path.join(scratch, "t")
+        os.makedirs(ray_tmp), os.makedirs(tmp)
+        env = {**os.environ, "RAY_ADDRESS": "", "AWS_SESSION_TOKEN": secret_env, "RAY_TMPDIR": ray_tmp,
+               "TMPDIR": tmp, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, "-c", STAGES_WITH_SECRET, root, s3_endpoint, secret_option],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0 and "stages done" in proc.stdout, proc.stderr[-3000:]
+        written = {"stdout": proc.stdout, "stderr": proc.stderr}
+        fs = s3fs.S3FileSystem(**options)
+        for path in fs.find(root.removeprefix("s3://")):
+            written[path] = fs.cat_file(path).decode("latin-1")
+        for path in glob.glob(os.path.join(scratch, "**", "*"), recursive=True):
+            if os.path.isfile(path) and not os.path.islink(path):
+                written[path] = open(path, "rb").read().decode("latin-1")
+        assert glob.glob(os.path.join(ray_tmp, "**", "session_*", "logs", "*"), recursive=True), "Ray wrote elsewhere"
+        assert sum(p.endswith(".tar") for p in written) and sum(p.endswith(".safetensors") for p in written)
+        leaks = [name for name, text in written.items() if secret_env in text or secret_option in text]
+        assert not leaks, leaks
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
