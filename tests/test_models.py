@@ -82,6 +82,24 @@ def test_unknown_model_is_a_clear_error():
         describe_teacher(TeacherConfig(model="vit_does_not_exist"))
 
 
+@pytest.mark.parametrize("img_size, patch_model", [
+    (512, "vit_small_patch14_dinov2"),  # 512 = 36 * 14 + 8: timm would floor the grid to 36
+    ((48, 70), "vit_tiny_patch16_224"),  # only the width is off
+])
+def test_image_size_the_patch_grid_does_not_tile_is_refused(img_size, patch_model):
+    cfg = TeacherConfig(model=patch_model, img_size=img_size, model_kwargs={"depth": 1})
+    with pytest.raises(ConfigError, match="not a multiple of .* patch size") as refused:
+        describe_teacher(cfg)
+    assert "flips would misalign" in str(refused.value)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_teacher(cfg)
+
+
+def test_image_size_on_the_patch_grid_is_accepted():
+    spec = describe_teacher(TeacherConfig(model="vit_small_patch14_dinov2", img_size=518, model_kwargs={"depth": 1}))
+    assert spec.grid == (37, 37)
+
+
 def test_seeded_random_init_is_reproducible():
     cfg = FAMILIES["dinov2 p14"]
     a, b = load_teacher(cfg), load_teacher(cfg)

@@ -105,6 +105,7 @@ def describe_teacher(cfg: TeacherConfig, storage_options=None) -> TeacherSpec:
     with torch.device("meta"):
         model = _create(cfg)
     check_vit(model, cfg.model)
+    check_grid(model, cfg.hw, cfg.model)
     data = timm.data.resolve_model_data_config(model)
     return TeacherSpec(
         model=cfg.model,
@@ -130,6 +131,18 @@ def check_vit(model: nn.Module, name: str) -> None:
         raise ConfigError(f"{name} is not a ViT-family timm model (missing {missing or ['patch_embed.grid_size']})")
 
 
+def check_grid(model: nn.Module, img_size: tuple[int, int], name: str) -> None:
+    """Refuse an input size the patch grid does not tile exactly. timm floors the grid (or pads,
+    with dynamic padding), so the image's right/bottom strip maps to no token or a padded one:
+    a pixel flip is then no longer a token flip (512 px with patch 14 is off by 8 px), and TTA
+    recovery and joint image/target flips would silently mix neighbouring patches."""
+    patch = tuple(model.patch_embed.patch_size)
+    if any(s % p for s, p in zip(img_size, patch)):
+        fits = " or ".join(f"{(s // p) * p}/{(s // p + 1) * p}" for s, p in zip(img_size, patch) if s % p)
+        raise ConfigError(f"teacher.img_size {list(img_size)} is not a multiple of {name}'s patch size {list(patch)}: "
+                          f"the patch grid would not tile the image and flips would misalign tokens; use e.g. {fits}")
+
+
 def load_teacher(cfg: TeacherConfig, storage_options=None, device: str | torch.device = "cpu") -> nn.Module:
     """The frozen teacher in eval mode."""
     if cfg.checkpoint:
@@ -145,6 +158,7 @@ def load_teacher(cfg: TeacherConfig, storage_options=None, device: str | torch.d
             torch.manual_seed(cfg.init_seed)
             model = _create(cfg)
     check_vit(model, cfg.model)
+    check_grid(model, cfg.hw, cfg.model)
     model.requires_grad_(False)
     return model.eval().to(device)
 
