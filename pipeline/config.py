@@ -171,6 +171,11 @@ class DistillConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker on the CPU. Default: cpus_per_worker.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    keep_last: int = Field(2, ge=1, description="Latest checkpoints kept for resuming (older ones are deleted).")
+    keep_every_epochs: int | None = Field(
+        None, ge=1, description="Also keep the student at the end of every N-th epoch, for choosing an epoch afterwards "
+        "(the paper evaluates epochs 30 and 70): <student run>/epochs/epoch_NNNN, weights and state. See export.epoch."
+    )
     log_every: int = Field(20, ge=1, description="Steps between metric reports.")
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting at the last checkpoint).")
     seed: int = Field(0, description="Seed of the data order and of the student-side flips.")
@@ -181,6 +186,10 @@ class DistillConfig(Section):
 
 class ExportConfig(Section):
     checkpoint: str | None = Field(None, description="Checkpoint folder to export. Default: the student's latest checkpoint.")
+    epoch: int | None = Field(
+        None, ge=1, description="Export the student kept at the end of this epoch (distill.keep_every_epochs) instead of "
+        "the latest checkpoint; the default output is then <run_root>/exports/<student.name>-epoch<N>."
+    )
     output: str | None = Field(None, description="Export folder. Default: <run_root>/exports/<student.name>.")
 
 
@@ -219,6 +228,10 @@ class EvaluateConfig(Section):
     )
     num_images: int = Field(8, ge=1, description="Images evaluated, spread evenly over the evaluated shards.")
     student: str | None = Field(None, description="Exported student folder. Default: this config's export output.")
+    epoch: int | None = Field(
+        None, ge=1, description="Evaluate the student exported from this epoch (export.epoch): <run_root>/exports/"
+        "<student.name>-epoch<N>, reported under <run_root>/eval/<student.name>-epoch<N>."
+    )
     targets: bool = Field(True, description="Compare with the denoised targets (needs the target store of the evaluated images).")
     store: str | None = Field(
         None, description="Target store of the evaluated images. Default: the store of this config's teacher and TTA settings "
@@ -337,11 +350,16 @@ class Config(Section):
 
     @property
     def export_url(self) -> str:
-        return self.export.output or self.under_root("exports", self.student.name)
+        return self.export.output or self.epoch_export_url(self.export.epoch)
+
+    def epoch_export_url(self, epoch: int | None) -> str:
+        """The default export folder of the student's latest checkpoint (None) or of a kept epoch."""
+        return self.under_root("exports", self.student.name + (f"-epoch{epoch}" if epoch else ""))
 
     @property
     def eval_url(self) -> str:
-        return self.evaluate.output or self.under_root("eval", self.student.name)
+        epoch = f"-epoch{self.evaluate.epoch}" if self.evaluate.epoch else ""
+        return self.evaluate.output or self.under_root("eval", self.student.name + epoch)
 
 
 OUTPUT_FIELDS = [("shard", "output"), ("cache", "root"), ("distill", "output"), ("export", "output"), ("evaluate", "output")]

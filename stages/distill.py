@@ -117,7 +117,7 @@ def fit(job: dict):
         run_config=RunConfig(
             name=cfg.student.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=d.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=LoggingConfig(log_level="WARNING"),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.keep_last), logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit()
@@ -321,6 +321,8 @@ def train_loop(job: dict) -> None:
             row = whole_epoch.row(step, epoch, lr, d.batch_size * world, device)
             if rank == 0:
                 epochs_log.append(row)
+                if d.keep_every_epochs and (epoch + 1) % d.keep_every_epochs == 0:
+                    _keep_epoch(job["run"], epoch + 1, student, projection, _state(cfg, step, epoch, total, job["store"], projection), so)
             whole_epoch.reset()
     stream.close()
     if rank == 0 and log.rows:
@@ -333,10 +335,26 @@ def _report(metrics: dict, rank: int, student, projection, optimizer, cfg: Confi
     with tempfile.TemporaryDirectory() as folder:
         ckpt = None
         if rank == 0:
-            state = {"step": step, "epoch": epoch, "total_steps": total, "store": store_url, "targets": cfg.distill.targets,
-                     "teacher": cfg.teacher.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json"),
-                     "student_base": student_base(cfg.teacher, cfg.student).model_dump(mode="json"),
-                     "projection": projection is not None}
-            checkpoint.save(folder, student, projection, optimizer, state)
+            checkpoint.save(folder, student, projection, optimizer, _state(cfg, step, epoch, total, store_url, projection))
             ckpt = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _state(cfg: Config, step: int, epoch: int, total: int, store_url: str | None, projection) -> dict:
+    return {"step": step, "epoch": epoch, "total_steps": total, "store": store_url, "targets": cfg.distill.targets,
+            "teacher": cfg.teacher.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json"),
+            "student_base": student_base(cfg.teacher, cfg.student).model_dump(mode="json"),
+            "projection": projection is not None}
+
+
+def _keep_epoch(run_url: str, epoch: int, student, projection, state: dict, storage_options) -> None:
+    """The student at the end of `epoch` (1-based), kept for model selection: weights and state,
+    no optimiser. Outside Ray Train's checkpoints, so their retention never deletes it; state.json
+    goes last, so a half-uploaded folder is never taken for a kept epoch."""
+    target = checkpoint.epoch_folder(run_url, epoch)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.save(folder, student, projection, None, state)
+        names = sorted(os.listdir(folder), key=lambda n: n == checkpoint.STATE)
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                write_bytes_atomic(join_url(target, name), f.read(), storage_options)

@@ -127,7 +127,7 @@ def one_model_plan(cfg: Config, manifest: Manifest, indices: list[int]) -> Plan:
 
 def pipeline_plan(cfg: Config, manifest: Manifest, indices: list[int]) -> Plan:
     so, e = cfg.storage.storage_options, cfg.evaluate
-    student_url = e.student or cfg.export_url
+    student_url = e.student or (cfg.epoch_export_url(e.epoch) if e.epoch else cfg.export_url)
     if not exists(join_url(student_url, "config.json"), so):
         raise PipelineError(f"no exported student at {student_url}: run the export stage, or set evaluate.student "
                             "(or evaluate.model to check one model on its own)")

@@ -19,7 +19,8 @@ def run(cfg: Config) -> list[str]:
 
 def export_one(cfg: Config) -> str:
     so = cfg.storage.storage_options
-    ckpt = cfg.export.checkpoint or checkpoint.latest(join_url(cfg.students_url, cfg.student.name), so)
+    run_url, epoch = join_url(cfg.students_url, cfg.student.name), cfg.export.epoch
+    ckpt = cfg.export.checkpoint or (checkpoint.of_epoch(run_url, epoch, so) if epoch else checkpoint.latest(run_url, so))
     student, projection, state = checkpoint.load_student(ckpt, so)
     provenance = {"checkpoint": ckpt, "step": state["step"], "store": state["store"], "teacher": state["teacher"],
                   "student": state["student"], "method": "PH-Reg (self-distilled registers)"}

@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.data.images import Preprocess
 from pipeline.data.manifest import Manifest
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.export import load_exported_features, max_output_difference
 from pipeline.models.vit import PatchFeatures, describe_teacher
 from pipeline.storage import join_url
@@ -103,6 +103,30 @@ def test_many_students_from_one_cache(cached):
     teacher = timm.create_model("local-dir:" + exports[0], pretrained=True)
     assert torch.equal(r6.blocks[-1].mlp.fc1.weight, _teacher(cfg).blocks[-1].mlp.fc1.weight)
     assert not torch.equal(teacher.blocks[-1].mlp.fc1.weight, _teacher(cfg).blocks[-1].mlp.fc1.weight)
+
+
+def test_kept_epochs_are_exported_by_choice(cached):
+    """keep_every_epochs keeps epochs 2 and 4 beside the single latest checkpoint (keep_last 1);
+    export.epoch exports a kept epoch, and a missing one is refused with the list of kept epochs."""
+    cfg = tiny_config(cached, **{"student.name": "kept", "distill.epochs": 4, "distill.keep_every_epochs": 2,
+                                 "distill.keep_last": 1, "distill.checkpoint_every": 4})
+    distill.run(cfg)
+    run_url = join_url(cfg.students_url, "kept")
+    assert checkpoint.kept_epochs(run_url) == [2, 4]
+    # 6 checkpoints were written; Ray Train deletes all but the latest (the one before may still be on its way out)
+    assert 1 <= len([n for n in os.listdir(run_url) if n.startswith("checkpoint_")]) <= 2
+    epoch2, _, state2 = checkpoint.load_student(checkpoint.of_epoch(run_url, 2))
+    last, _, last_state = checkpoint.load_student(checkpoint.latest(run_url))
+    assert (state2["step"], last_state["step"]) == (12, 24)
+    assert not torch.equal(epoch2.pos_embed, last.pos_embed)
+
+    chosen = cfg.model_copy(update={"export": cfg.export.model_copy(update={"epoch": 2})})
+    (url,) = export.run(chosen)
+    assert url.endswith("exports/kept-epoch2")
+    assert torch.equal(timm.create_model(f"local-dir:{url}", pretrained=True).pos_embed, epoch2.pos_embed)
+    missing = cfg.model_copy(update={"export": cfg.export.model_copy(update={"epoch": 3})})
+    with pytest.raises(PipelineError, match=r"no student kept for epoch 3 .* kept epochs are \[2, 4\]"):
+        export.run(missing)
 
 
 def _teacher(cfg):

@@ -67,6 +67,31 @@ def latest(run_url: str, storage_options=None) -> str:
     return best
 
 
+def epoch_folder(run_url: str, epoch: int) -> str:
+    """Where the student kept at the end of `epoch` (1-based) lives (distill.keep_every_epochs)."""
+    return join_url(run_url, "epochs", f"epoch_{epoch:04d}")
+
+
+def kept_epochs(run_url: str, storage_options=None) -> list[int]:
+    try:
+        names = list_names(join_url(run_url, "epochs"), storage_options)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(n.removeprefix("epoch_")) for n in names if n.startswith("epoch_") and n[6:].isdigit())
+
+
+def of_epoch(run_url: str, epoch: int, storage_options=None) -> str:
+    """The kept checkpoint of `epoch`, or an error that lists the epochs there are."""
+    folder = epoch_folder(run_url, epoch)
+    try:
+        read_json(join_url(folder, STATE), storage_options)
+    except (FileNotFoundError, NotADirectoryError):
+        kept = kept_epochs(run_url, storage_options)
+        raise PipelineError(f"no student kept for epoch {epoch} under {run_url}: kept epochs are "
+                            f"{kept or 'none'} (set distill.keep_every_epochs before training)") from None
+    return folder
+
+
 def load_student(checkpoint_url: str, storage_options=None) -> tuple[nn.Module, nn.Linear | None, dict]:
     """Rebuild the trained student (eval mode) and its projection, if any, from a checkpoint
     folder, local or remote."""
