@@ -7,7 +7,7 @@ validated. Unknown keys are errors, so a typo never silently falls back to a def
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -258,8 +258,10 @@ class EvaluateConfig(Section):
                                         "ttr_detect_block is an outlier. Default: mean + 3 sigma of the patch norms there.")
     ttr_max_block: int | None = Field(None, description="Test-time registers: last block whose neurons are considered. "
                                       "Default: the first block where the outlier tokens stand out.")
-    ttr_top_k: int = Field(10, ge=1, description="Test-time registers: register neurons moved (published: 10 for "
-                           "OpenCLIP-B/16, 45 for DINOv2-L).")
+    ttr_top_k: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Test-time registers: register neurons moved. 'auto' sweeps k until the outliers at "
+        "ttr_detect_block vanish on the location images, as the paper does (it found 10 for OpenCLIP-B/16, 45 for DINOv2-L).")
+    ttr_max_top_k: int = Field(64, ge=1, description="Test-time registers: largest k the 'auto' sweep tries.")
     # Artifact tokens
     outlier_k: float = Field(6.0, gt=0, description="A token is an outlier when its norm exceeds median + k * MAD of its image.")
     min_mad: float = Field(

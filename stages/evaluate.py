@@ -166,7 +166,7 @@ def add_baselines(cfg: Config, p: Plan) -> None:
     training = cfg.cache_shards_url
     manifest = Manifest.load(training, so) if exists(join_url(training, "manifest.json"), so) else p.manifest
     job = LocateJob(manifest, evaluation_indices(manifest, e.ttr_images), p.preprocess, base, e.ttr_detect_block,
-                    e.ttr_threshold, e.ttr_max_block, e.ttr_top_k, so)
+                    e.ttr_threshold, e.ttr_max_block, e.ttr_top_k, e.ttr_max_top_k, so)
     location = ray.get(_locate.options(num_gpus=task_gpus()).remote(job))
     neurons = ", ".join(f"{n['layer']}.{n['index']}" for n in location["neurons"])
     p.models.append(registers_baseline(base, location))

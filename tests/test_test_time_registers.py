@@ -81,6 +81,24 @@ def test_located_neurons_are_the_planted_ones(teacher, images):
     assert location.images_with_outliers == len(images)
 
 
+def test_auto_top_k_sweeps_until_the_outliers_vanish(teacher, images):
+    """Each of the three planted neurons writes a third of the artifact: one moved leaves tokens
+    above the detection threshold, two leave them below it, so the sweep (k = 1, 2) keeps 2
+    planted neurons. With a threshold above what one neuron alone writes but below what two
+    write, it still keeps 2; just under one neuron's share it needs all 3 (4 tried, 3 by
+    bisection). The wrapped model is left without hooks."""
+    location = locate(teacher, images, top_k="auto")
+    assert sorted(location.sweep) == [1, 2] and location.sweep[1] > 0 and location.sweep[2] == 0
+    assert len(location.neurons) == 2 and {(n.layer, n.index) for n in location.neurons} < planted(teacher)
+    assert per_image(patch_features(teacher, images)) == [3] * len(images)  # hooks removed after each trial
+    strict = locate(teacher, images, top_k="auto", threshold=location.threshold / 4)
+    assert sorted(strict.sweep) == [1, 2, 3, 4] and strict.sweep[2] > 0 and strict.sweep[3] == strict.sweep[4] == 0
+    assert {(n.layer, n.index) for n in strict.neurons} == planted(teacher)
+    capped = locate(teacher, images, top_k="auto", threshold=location.threshold / 4, max_top_k=2)
+    # none vanishes below the cap: the fewest outliers left, and of equal counts the smaller k
+    assert sorted(capped.sweep) == [1, 2] and capped.sweep[1] == capped.sweep[2] > 0 and len(capped.neurons) == 1
+
+
 def test_the_baseline_removes_the_artifacts_and_keeps_ordinary_tokens(teacher, images):
     model = TestTimeRegisters(load_teacher(CFG), sorted(planted(teacher)))
     assert model.num_prefix_tokens == teacher.num_prefix_tokens + 1

@@ -30,7 +30,8 @@ class LocateJob:
     detect_block: int
     threshold: float | None
     max_block: int | None
-    top_k: int
+    top_k: int | str
+    max_top_k: int
     storage_options: dict
 
 
@@ -40,7 +41,8 @@ def locate_job(job: LocateJob) -> dict:
     x = torch.stack([job.preprocess(img, crop_box(img.width, img.height, job.preprocess.size, "center")) for img in images])
     model = job.model.load(job.storage_options).model
     x = x.to(next(model.parameters()).device)
-    location = locate(model, x, job.detect_block, job.threshold, job.max_block, job.top_k, job.model.name)
+    location = locate(model, x, job.detect_block, job.threshold, job.max_block, job.top_k, job.model.name,
+                      job.max_top_k)
     return {**location.to_dict(), "located_on": {"shards": job.manifest.url, "indices": job.indices}}
 
 

@@ -39,6 +39,10 @@ def registers_section(location: dict | None) -> list[str]:
              f"0..{location['max_block']} ranked by their mean |activation| at those tokens.", "",
              "| block | neuron | score |", "|---|---|---|"]
     lines += [f"| {n['layer']} | {n['index']} | {n['score']:.3f} |" for n in location["neurons"]]
+    if location.get("sweep"):
+        tried = ", ".join(f"k={k}: {left:.2f}" for k, left in location["sweep"].items())
+        lines += ["", f"top-k swept until the outliers vanish (outlier tokens per image left): {tried}; "
+                      f"kept k={len(location['neurons'])}."]
     return lines + [""]
 
 

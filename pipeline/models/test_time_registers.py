@@ -17,6 +17,10 @@ Location (`locate`), on a handful of images:
    the block whose MLP creates them);
 3. a neuron's score is its mean absolute activation over an image's outlier tokens, averaged
    over the images that have outliers; the `top_k` highest are the register neurons.
+   `top_k="auto"` sweeps k as the paper does, until the outliers vanish: the smallest k whose
+   modified model has no token above the threshold at `detect_block` on the same images
+   (k doubled until one has none, then bisected, assuming more neurons never bring outliers
+   back; every k tried is recorded). If none up to `max_top_k` does, the k with the fewest.
 
 A neuron's activation is the input of its block's `mlp.fc2` (column j of fc2 is what neuron j
 writes): the same place for timm's `Mlp`, `GluMlp` and `SwiGLU`.
@@ -49,6 +53,7 @@ class Location:
     max_block: int
     images: int
     images_with_outliers: int
+    sweep: dict[int, float] | None = None  # top_k="auto": k tried -> outlier tokens per image left
 
     def to_dict(self) -> dict:
         return {**asdict(self), "neurons": [asdict(n) for n in self.neurons]}
@@ -117,8 +122,36 @@ def neuron_scores(model: nn.Module, x: torch.Tensor, outliers: torch.Tensor, max
     return scores
 
 
+def sweep_top_k(model: nn.Module, x: torch.Tensor, ranked: list[tuple[int, int]], detect_block: int, threshold: float,
+                max_top_k: int) -> tuple[int, dict[int, float]]:
+    """The smallest k whose top-k neurons leave no outlier at `detect_block` (module docstring),
+    and the outliers per image of every k tried."""
+    tried: dict[int, float] = {}
+
+    def outliers_left(k: int) -> float:
+        if k not in tried:
+            trial = TestTimeRegisters(model, ranked[:k])
+            try:
+                tried[k] = (block_norms(trial, x)[detect_block] > threshold).sum().item() / len(x)
+            finally:
+                trial.remove()
+        return tried[k]
+
+    cap = min(max_top_k, len(ranked))
+    high = 1
+    while outliers_left(high) > 0 and high < cap:
+        high = min(2 * high, cap)
+    if outliers_left(high) > 0:  # none vanishes: the fewest outliers, the smallest k among equals
+        return min(tried, key=lambda k: (tried[k], k)), dict(sorted(tried.items()))
+    low = high // 2  # outliers_left(low) > 0, or low == 0
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if outliers_left(mid) == 0 else (mid, high)
+    return high, dict(sorted(tried.items()))
+
+
 def locate(model: nn.Module, x: torch.Tensor, detect_block: int = -1, threshold: float | None = None,
-           max_block: int | None = None, top_k: int = 10, name: str = "the model") -> Location:
+           max_block: int | None = None, top_k: int | str = 10, name: str = "the model", max_top_k: int = 64) -> Location:
     """The register neurons of `model`, from the images `x` (see the module docstring)."""
     check_supported(model, name)
     depth = len(model.blocks)
@@ -140,10 +173,14 @@ def locate(model: nn.Module, x: torch.Tensor, detect_block: int = -1, threshold:
     if max_block is None:
         max_block = first_outlier_block(norms, outliers)
     scores = neuron_scores(model, x, outliers, max_block) / with_outliers
-    values, flat = scores.flatten().topk(min(top_k, scores.numel()))
+    values, flat = scores.flatten().topk(min(max_top_k if top_k == "auto" else top_k, scores.numel()))
     hidden = scores.shape[1]
     neurons = [Neuron(int(f) // hidden, int(f) % hidden, float(v)) for v, f in zip(values, flat)]
-    return Location(neurons, detect, float(threshold), max_block, len(x), with_outliers)
+    sweep = None
+    if top_k == "auto":
+        k, sweep = sweep_top_k(model, x, [(n.layer, n.index) for n in neurons], detect, float(threshold), max_top_k)
+        neurons = neurons[:k]
+    return Location(neurons, detect, float(threshold), max_block, len(x), with_outliers, sweep)
 
 
 class TestTimeRegisters(nn.Module):
@@ -173,9 +210,14 @@ class TestTimeRegisters(nn.Module):
                 raise ConfigError(f"test-time registers: neuron ({layer}, {index}) is not in {name} "
                                   f"({len(model.blocks)} blocks of {hidden} hidden units)")
             by_layer.setdefault(layer, []).append(index)
-        model.blocks[0].register_forward_pre_hook(self._insert)
-        for layer, indices in sorted(by_layer.items()):
+        self._hooks = [model.blocks[0].register_forward_pre_hook(self._insert)] + [
             model.blocks[layer].mlp.fc2.register_forward_pre_hook(self._mover(torch.tensor(sorted(set(indices)))))
+            for layer, indices in sorted(by_layer.items())]
+
+    def remove(self) -> None:
+        """Take the hooks off the wrapped model: it is the plain model again."""
+        for hook in self._hooks:
+            hook.remove()
 
     @property
     def blocks(self):
