@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -191,3 +192,14 @@ def test_evaluate_measures_the_baseline_like_any_model(tmp_path, ray_local):
     text = open(os.path.join(out, "report.md")).read()
     assert "| test-time-registers |" in text and "## Test-time registers: register neurons" in text
     assert json.load(open(os.path.join(out, "report.json")))["baselines"] == report["baselines"]
+
+
+def test_the_baseline_runs_on_the_clip_dense_recipe():
+    """The CLIP recipe's last block finds the patches by a prefix count: the extra token must be
+    counted there too, or the patch grid is off by one token."""
+    import pipeline.models.clip  # noqa: F401  (registers the CLIP dense models with timm)
+
+    teacher = timm.create_model("vit_clip_dense_tiny_patch8", img_size=96).eval()
+    x = photos(2)
+    baseline = TestTimeRegisters(timm.create_model("vit_clip_dense_tiny_patch8", img_size=96).eval(), [(0, 1), (1, 5)])
+    assert patch_features(baseline, x).shape == patch_features(teacher, x).shape

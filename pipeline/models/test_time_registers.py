@@ -213,6 +213,12 @@ class TestTimeRegisters(nn.Module):
         self._hooks = [model.blocks[0].register_forward_pre_hook(self._insert)] + [
             model.blocks[layer].mlp.fc2.register_forward_pre_hook(self._mover(torch.tensor(sorted(set(indices)))))
             for layer, indices in sorted(by_layer.items())]
+        # blocks that find the patches by a count of prefix tokens (the CLIP dense last block,
+        # whose model sets `prefix` at every forward) must count the extra token too
+        self._hooks += [b.register_forward_pre_hook(self._count_register) for b in model.blocks if hasattr(b, "prefix")]
+
+    def _count_register(self, module, args):
+        module.prefix = self.num_prefix_tokens
 
     def remove(self) -> None:
         """Take the hooks off the wrapped model: it is the plain model again."""
