@@ -164,6 +164,10 @@ class DistillConfig(Section):
     batch_size: int = Field(8, ge=1, description="Images per step on each worker.")
     lr: float = Field(1e-4, gt=0, description="Initial AdamW learning rate.")
     final_lr: float = Field(5e-6, gt=0, description="Learning rate reached at the end of the exponential decay.")
+    lr_decay: Literal["step", "epoch"] = Field(
+        "step", description="step: the rate decays smoothly every step. epoch: it is held through each epoch and "
+        "decays between epochs, as the reference implementation's per-epoch ExponentialLR (same start and end)."
+    )
     weight_decay: float = Field(1e-2, ge=0)
     mse_scale: float = Field(1.0, ge=0, description="Weight of the MSE term next to (1 - cosine).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")

@@ -295,7 +295,7 @@ def train_loop(job: dict) -> None:
             batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
         images = batch[0].to(device, non_blocking=True)
         targets = targets_of((images, *batch[1:]))
-        lr = exp_decay_lr(step, total, d.lr, d.final_lr)
+        lr = exp_decay_lr(step, total, d.lr, d.final_lr, every=steps_per_epoch if d.lr_decay == "epoch" else 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast:

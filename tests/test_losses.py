@@ -32,3 +32,11 @@ def test_exponential_decay_endpoints_and_midpoint():
     assert exp_decay_lr(0, 100, 1e-4, 5e-6) == pytest.approx(1e-4)
     assert exp_decay_lr(100, 100, 1e-4, 5e-6) == pytest.approx(5e-6)
     assert exp_decay_lr(50, 100, 1e-4, 5e-6) == pytest.approx(math.sqrt(1e-4 * 5e-6))
+
+
+def test_per_epoch_decay_is_a_staircase_with_the_same_start_and_end():
+    # 4 epochs of 25 steps: the rate of epoch e is lr * (final / lr) ** (e / 4) through all its steps
+    rates = [exp_decay_lr(s, 100, 1e-4, 5e-6, every=25) for s in range(101)]
+    for e in range(4):
+        assert rates[25 * e:25 * (e + 1)] == pytest.approx([1e-4 * (5e-6 / 1e-4) ** (e / 4)] * 25)
+    assert rates[100] == pytest.approx(5e-6)

@@ -14,9 +14,11 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, mse_scale: float = 1.
     return (1.0 - cos) + mse_scale * mse, cos.detach(), mse.detach()
 
 
-def exp_decay_lr(step: int, total_steps: int, lr: float, final_lr: float) -> float:
-    """Exponential decay from `lr` at step 0 to `final_lr` at `total_steps`, no warm-up."""
+def exp_decay_lr(step: int, total_steps: int, lr: float, final_lr: float, every: int = 1) -> float:
+    """Exponential decay from `lr` at step 0 to `final_lr` at `total_steps`, no warm-up.
+    `every` > 1 holds the rate for blocks of that many steps (every = steps per epoch is the
+    reference's ExponentialLR stepped once per epoch: epoch e trains at the rate of step e * every)."""
     if total_steps <= 0:
         return lr
-    progress = min(max(step / total_steps, 0.0), 1.0)
+    progress = min(max((step // every) * every / total_steps, 0.0), 1.0)
     return lr * (final_lr / lr) ** progress
