@@ -1,6 +1,7 @@
 """Teacher-cache stage: verify, list, variants, storage types, and surviving kill -9."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -153,6 +154,12 @@ def _wait_for(predicate, proc, timeout=240):
         time.sleep(0.05)
 
 
+def _files(root: str) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under `root`."""
+    return {os.path.join(d, n): (os.stat(os.path.join(d, n)).st_size, os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(root) for n in names}
+
+
 def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_path, ray_local):
     # A heavier teacher (12 blocks at 224 px) so that the run is killed part-way.
     settings = {"shard.sample_size": 16, "shard.shard_size": 2, "teacher.img_size": 224,
@@ -169,12 +176,28 @@ def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "RAY_ADDRESS": ""}
 
-    # 1. kill -9 the driver (its local Ray dies with it) after the first unit is complete
+    # 1. kill -9 the driver's PID alone after the first unit is complete: the local Ray it started
+    # (GCS, raylet, the teacher actors) must die with it, and nothing may go on writing the store
     proc = _run_cli(config_path, env)
     _wait_for(lambda: _markers(killed_root) >= 1, proc)
-    tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
-    os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs([psutil.Process(p.pid) if isinstance(p, subprocess.Popen) else p for p in tree], timeout=30)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert any("CacheActor" in " ".join(p.cmdline()) for p in tree if p.is_running())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    # Ray's per-node agents (dashboard, runtime env) can linger after their raylet died; they
+    # hold no data and write nothing. Everything else (GCS, raylet, workers, actors) must be gone.
+    agents = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    names = {}
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            names[p.pid] = p.name()
+            p.kill()
+    orphans = [(pid, name) for pid, name in names.items() if name not in agents]
+    assert not orphans, f"processes outlived the killed driver: {orphans}"
+    written = _files(killed_root)
+    time.sleep(3)
+    assert _files(killed_root) == written, "the store changed after the driver and its Ray were gone"
     partial = _markers(killed_root)
     assert 1 <= partial < units
     marker_dir = os.path.join(killed_root, os.path.basename(ref_store.url), "complete")
