@@ -3,7 +3,8 @@ import pytest
 import timm
 import torch
 
-from pipeline.models.reference_weights import convert_phreg_dinov2, phreg_dinov2_student
+from pipeline.models.export import load_exported, max_output_difference
+from pipeline.models.reference_weights import convert_phreg_dinov2, export_phreg_dinov2, phreg_dinov2_student
 
 ARGS = dict(img_size=56, depth=2, embed_dim=64, num_heads=2, num_classes=0)
 
@@ -56,3 +57,14 @@ def test_unknown_or_incomplete_layout_is_refused():
     del state["encoder.layer.1.attention.attention.key.bias"]
     with pytest.raises(ValueError, match="layer 1 lacks"):
         convert_phreg_dinov2(state)
+
+
+def test_exported_folder_loads_through_timm_with_equal_outputs(tmp_path):
+    source = timm.create_model("vit_small_patch14_dinov2", reg_tokens=2, no_embed_class=True, **ARGS).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # layer scales start at 1e-5: without this the blocks barely act
+    torch.save(hf_layout(source), tmp_path / "student.pth")
+    export_phreg_dinov2(str(tmp_path / "student.pth"), str(tmp_path / "hub"), model="vit_small_patch14_dinov2",
+                        depth=2, embed_dim=64, num_heads=2)
+    assert max_output_difference(load_exported(str(tmp_path / "hub")), source) < 1e-5

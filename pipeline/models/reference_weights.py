@@ -14,6 +14,8 @@ import timm
 import torch
 from torch import nn
 
+from pipeline.models.export import write_folder
+
 _SWAPS = [
     (r"^encoder\.layer\.", "blocks."),
     (r"\.attention\.output\.dense\.", ".attn.proj."),
@@ -72,3 +74,12 @@ def phreg_dinov2_student(state: dict[str, torch.Tensor], model: str = "vit_base_
                                 no_embed_class=True, num_classes=0, **kwargs)
     student.load_state_dict(converted, strict=True)
     return student.eval()
+
+
+def export_phreg_dinov2(checkpoint: str, folder: str, model: str = "vit_base_patch14_dinov2", **kwargs) -> nn.Module:
+    """The released checkpoint file (a torch state dict, read without running code) -> a timm
+    hub folder that `evaluate` and `timm.create_model('local-dir:...')` load as any exported student."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    student = phreg_dinov2_student(state, model=model, **kwargs)
+    write_folder(student, folder, {"source": "PH-Reg released DINOv2 student", "checkpoint": checkpoint})
+    return student
