@@ -297,6 +297,15 @@ class EvaluateConfig(Section):
     )
 
 
+class TrackingConfig(Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files into each student's run folder (<run>/tensorboard).")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (e.g. http://mlflow:5000): a run per student with its metrics, config and "
+        "export, and the teacher-cache throughput. Default: MLFLOW_TRACKING_URI from the environment; unset: no MLflow."
+    )
+    mlflow_experiment: str = Field("phreg", description="MLflow experiment the runs go into.")
+
+
 class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
@@ -307,6 +316,7 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     students: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Several students from one cache: each entry overrides sections of this config, e.g. "

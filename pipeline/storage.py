@@ -14,6 +14,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import PipelineError
+
 
 def has_scheme(url: str) -> bool:
     return "://" in url
@@ -60,7 +62,13 @@ def fs_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, An
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **fs_options(url, storage_options))
+    try:
+        return fsspec.core.url_to_fs(url, **fs_options(url, storage_options))
+    except ImportError as e:  # fsspec knows the protocol, its package is an optional extra
+        scheme = url.split("://", 1)[0]
+        if scheme in ("gs", "gcs"):
+            raise PipelineError(f"{scheme}:// URLs need gcsfs, the 'gcs' extra: pip install -e '.[gcs]'") from e
+        raise PipelineError(f"{scheme}:// URLs need a package that is not installed: {e}") from e
 
 
 def exists(url: str, storage_options=None) -> bool:

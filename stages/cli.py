@@ -18,12 +18,12 @@ from pipeline.errors import PipelineError
 
 COMMANDS = {
     "shard": ("Images -> WebDataset shards + manifest.", ["storage", "shard"]),
-    "teacher-cache": ("Shards -> denoised teacher targets (Zarr v3 store).", ["storage", "shard", "teacher", "tta", "cache"]),
+    "teacher-cache": ("Shards -> denoised teacher targets (Zarr v3 store).", ["storage", "shard", "teacher", "tta", "cache", "tracking"]),
     "distill": ("Target store -> student checkpoints (Ray Train).",
-                ["storage", "shard", "teacher", "tta", "cache", "student", "distill", "students"]),
-    "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export", "students"]),
+                ["storage", "shard", "teacher", "tta", "cache", "student", "distill", "tracking", "students"]),
+    "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export", "tracking", "students"]),
     "evaluate": ("Artifact tokens, target fidelity, linear probes and pictures: teacher vs targets vs student, or one model.",
-                 ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "students"]),
+                 ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "tracking", "students"]),
     "verify": ("Check a target store against its manifest; exit non-zero on any problem.",
                ["storage", "shard", "teacher", "tta", "cache", "distill"]),
     "list": ("List the target stores under the cache root with their settings and completeness.", ["storage", "cache"]),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 
 from pipeline.config import Config, dump_config
-from pipeline.evaluation.report import table
 from pipeline.storage import write_bytes_atomic
 from stages import distill, evaluate, export, shard, teacher_cache
 from stages.runtime import say
@@ -25,7 +24,7 @@ def run(cfg: Config) -> dict:
         f"  targets    {store.url}\n"
         f"  student    {cfg.students_url}/{cfg.student.name}\n"
         f"  export     {exported}\n"
-        f"  report     {cfg.eval_url}/report.md\n"
-        f"\n{table(report)}"
+        f"  report     {cfg.eval_url}/report.md (its table is above)\n"
+        f"  tensorboard --logdir {cfg.storage.run_root}"
     )
     return report

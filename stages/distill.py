@@ -43,6 +43,7 @@ from pipeline.training import checkpoint
 from pipeline.training.losses import distill_loss, exp_decay_lr
 from pipeline.training.pairs import CachedPairs, OnlineViews, batches, epoch_plan, samples_per_rank, skip
 from stages.runtime import cluster_gpus, init_ray, progress, say
+from stages.tracking import MLflow, Tracker, start_run
 
 METRICS = ["step", "epoch", "loss", "cosine", "mse", "lr", "samples_per_s", "data_wait_fraction", "seconds"]
 
@@ -94,7 +95,8 @@ def prepare(cfg: Config) -> dict:
     run_url = join_url(cfg.students_url, cfg.student.name)
     claim_run(run_url, run_identity(cfg, spec), so)
     return {"cfg": cfg.model_dump(mode="json"), "manifest": manifest.url, "store": store_url, "spec": asdict(spec),
-            "run": run_url, "total_steps": per_rank // d.batch_size * d.epochs}
+            "run": run_url, "total_steps": per_rank // d.batch_size * d.epochs,
+            "mlflow": start_run(cfg, run_url, cfg.student.name, {"phreg.targets": spec.fingerprint})}
 
 
 def ray_storage(url: str, storage_options) -> tuple[str, pyarrow.fs.FileSystem | None]:
@@ -138,6 +140,8 @@ def run(cfg: Config) -> list:
     for job, result in zip(jobs, results):
         say(f"distill: {job['run']}: step {result.metrics.get('step')}, loss {result.metrics.get('loss')}, "
             f"cosine {result.metrics.get('cosine')}")
+        if job["mlflow"]:
+            MLflow(job["mlflow"]["uri"], job["mlflow"]["run_id"]).finish()
     return results
 
 
@@ -179,6 +183,11 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(self.rows)
         write_bytes_atomic(self.url, buf.getvalue().encode(), self.storage_options)
+
+
+def scalars(row: dict, prefix: str) -> dict[str, float]:
+    """A metrics row as TensorBoard/MLflow scalars, e.g. `train/loss`."""
+    return {f"{prefix}/{k}": float(row[k]) for k in ("loss", "cosine", "mse", "lr", "samples_per_s", "data_wait_fraction")}
 
 
 class Meter:
@@ -267,6 +276,7 @@ def train_loop(job: dict) -> None:
     total = steps_per_epoch * d.epochs
     log = MetricsLog(join_url(job["run"], "metrics.csv"), so, step) if rank == 0 else None
     epochs_log = MetricsLog(join_url(job["run"], "epochs.csv"), so, step) if rank == 0 else None
+    tracker = Tracker(cfg, job["run"], job.get("mlflow"), resume_step=step) if rank == 0 else None
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if dist.is_available() and dist.is_initialized():
         dist.all_gather_object(nodes, nodes[0])
@@ -314,17 +324,23 @@ def train_loop(job: dict) -> None:
             row = window.row(step, epoch, lr, d.batch_size * world, device)
             if rank == 0:
                 log.append(row)
+                tracker.scalars(scalars(row, "train"), step)
             window.reset()
         if save:
+            if rank == 0:
+                tracker.flush()
             _report(row, rank, student, projection, optimizer, cfg, step, epoch, total, job["store"])
         if step % steps_per_epoch == 0:
             row = whole_epoch.row(step, epoch, lr, d.batch_size * world, device)
             if rank == 0:
                 epochs_log.append(row)
+                tracker.scalars(scalars(row, "epoch"), step)
                 if d.keep_every_epochs and (epoch + 1) % d.keep_every_epochs == 0:
                     _keep_epoch(job["run"], epoch + 1, student, projection, _state(cfg, step, epoch, total, job["store"], projection), so)
             whole_epoch.reset()
     stream.close()
+    if rank == 0:
+        tracker.close()
     if rank == 0 and log.rows:
         figures.training_curves(log.rows, join_url(job["run"], "loss.png"), so, title=f"Distillation of {cfg.student.name}")
 

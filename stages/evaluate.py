@@ -41,6 +41,7 @@ from pipeline.models.vit import describe_teacher
 from pipeline.storage import absolute, exists, has_scheme, join_url, read_json, write_bytes_atomic
 from pipeline.targets.store import TargetStore, find_store
 from stages.runtime import cluster_gpus, init_ray, progress, say
+from stages.tracking import log_evaluation
 
 # --- what is evaluated -------------------------------------------------------------------
 
@@ -375,6 +376,7 @@ def evaluate_one(cfg: Config) -> dict:
     draw(cfg, p, data, report)
     write_bytes_atomic(join_url(p.output, "report.json"), json.dumps(report, indent=1).encode(), so)
     write_bytes_atomic(join_url(p.output, "report.md"), markdown(report).encode(), so)
+    log_evaluation(cfg, report, p.output, next((m.export for m in p.models if m.name == "student"), None))
     if report["images"]["note"]:
         say(f"evaluate: note: {report['images']['note']}")
     say(f"evaluate: report -> {join_url(p.output, 'report.md')}\n" + table(report))

@@ -10,6 +10,7 @@ from pipeline.models.vit import PatchFeatures
 from pipeline.storage import join_url
 from pipeline.training import checkpoint
 from stages.runtime import say
+from stages.tracking import log_export
 
 
 def run(cfg: Config) -> list[str]:
@@ -31,6 +32,7 @@ def export_one(cfg: Config) -> str:
         if diff != 0.0:
             raise PipelineError(f"the exported model's outputs differ from the checkpoint's by {diff}")
         upload(folder, cfg.export_url, so)
+        log_export(cfg, run_url, folder)
     say(f"export: {ckpt} (step {state['step']}) -> {cfg.export_url}\n"
         f"  load with timm.create_model('local-dir:<folder>', pretrained=True); outputs verified identical"
         + ("\n  projection.safetensors maps its features to the teacher's width" if projection is not None else ""))

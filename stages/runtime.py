@@ -22,8 +22,21 @@ def init_ray() -> None:
     if address is None:
         for key, value in LOCAL_ENV.items():
             os.environ.setdefault(key, value)
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-             runtime_env={"env_vars": WORKER_ENV})
+    # Workers' and Ray's own log lines stay in Ray's log folder: the console shows the stage's
+    # progress and summary. Worker errors still arrive, as the exceptions they raised.
+    debug = debugging()
+    context = ray.init(address=address, logging_level=logging.INFO if debug else logging.ERROR, log_to_driver=debug,
+                       runtime_env={"env_vars": WORKER_ENV})
+    if not debug:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        session = context.address_info.get("session_dir")
+        say(f"ray: logs in {os.path.join(session, 'logs') if session else 'the cluster session folder'} "
+            f"(PHREG_DEBUG=1 shows them here)")
+
+
+def debugging() -> bool:
+    """PHREG_DEBUG=1: every log line on the console and full tracebacks."""
+    return bool(os.environ.get("PHREG_DEBUG"))
 
 
 def cluster_cpus() -> float:

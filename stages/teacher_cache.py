@@ -18,6 +18,7 @@ from pipeline.targets.lease import Lease
 from pipeline.targets.store import TargetStore, store_spec
 from pipeline.targets.teacher_targets import TeacherTargets
 from stages.runtime import cluster_cpus, cluster_gpus, init_ray, progress, say
+from stages.tracking import log_cache_run
 
 
 @ray.remote(max_restarts=2, max_task_retries=2)
@@ -91,4 +92,5 @@ def run(cfg: Config) -> TargetStore:
             stats = compute(cfg, store, manifest, [u for u in todo if u.id not in store.completed()])
         say(f"teacher-cache: {stats['images']} images in {stats['seconds']:.1f} s "
             f"({stats['images_per_s']:.2f} img/s on {stats['actors']} actor(s)) -> {store.url}")
+        log_cache_run(cfg, store.spec.fingerprint, store.url, stats)
     return store
