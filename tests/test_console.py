@@ -16,7 +16,7 @@ RAY_NOISE = [r"\(\w+ pid=\d+(, ip=[\d.]+)?\)", r"Reporting training result", r"c
 
 
 def phreg(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in ("RAY_ADDRESS", "PHREG_DEBUG")}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PHREG_DEBUG")}, **(env or {})}
     return subprocess.run([sys.executable, "-m", "stages", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -73,3 +73,10 @@ def test_demo_console_is_the_stages_own(tmp_path):
     assert noise(failed.stdout + failed.stderr) == []
     errors = [line for line in failed.stderr.replace("\r", "\n").splitlines() if line.startswith("phreg distill:")]
     assert len(errors) == 1 and "storage error: FileNotFoundError" in errors[0] and "00001.tar" in errors[0], failed.stderr
+
+    # PHREG_DEBUG=1: the workers' lines and the whole traceback
+    debug = phreg("distill", "--config", config, "--student.name", "third", "--distill.max_failures", "0",
+                  env={"PHREG_DEBUG": "1"})
+    assert debug.returncode == 1
+    assert re.search(r"\((RayTrainWorker|TrainController) pid=\d+", debug.stdout + debug.stderr)
+    assert "Traceback" in debug.stderr and "00001.tar" in debug.stderr
