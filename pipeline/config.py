@@ -287,6 +287,41 @@ class EvaluateConfig(Section):
         "'sample:labeled' for the small generated one. Default: no probes.",
     )
     probe_ridge: float = Field(1e-3, ge=0, description="Ridge penalty of the linear probes, relative to the mean feature energy.")
+    probe_protocol: Literal["ridge", "trained"] = Field(
+        "ridge", description="'ridge': closed-form ridge probes on patch-level targets (fast, not comparable with published "
+        "tables). 'trained': the DINOv2 / PH-Reg linear protocols: a BatchNorm + 1x1-conv head trained with AdamW and a "
+        "poly schedule on augmented crops (segmentation: cross-entropy; depth: 256-bin head on patch + class tokens, SigLog "
+        "+ gradient loss), scored with sliding windows at each val image's own resolution. One Ray task per model and kind.",
+    )
+    probe_iterations: int = Field(
+        300, ge=1, description="Trained probes: training steps of each head (one frozen forward of probe_batch_size windows "
+        "each). The default suits a CPU check; the published protocols train 40k (VOC, ADE20K) to 80k steps on a GPU.",
+    )
+    probe_batch_size: int = Field(8, ge=1, description="Trained probes: augmented windows per training step.")
+    probe_lr: float = Field(1e-3, gt=0, description="Trained probes: AdamW learning rate, decayed linearly to 0 (poly, power 1).")
+    probe_stride: float = Field(
+        2 / 3, gt=0, le=1, description="Trained probes: sliding-window stride at inference, as a fraction of the window "
+        "(the model's input); mmseg's 341 of 512 px.",
+    )
+    probe_depth_bins: int = Field(256, ge=2, description="Trained depth probe: linear depth bins the head classifies into.")
+    probe_min_depth: float = Field(
+        0.001, gt=0, description="Trained depth probe: first bin centre (metres); ground truth at or below it is not scored.",
+    )
+    probe_max_depth: float = Field(
+        10.0, gt=0, description="Trained depth probe: last bin centre (metres); ground truth at or above it is not scored "
+        "(NYUv2: 10, KITTI: 80).",
+    )
+    probe_siglog_lambda: float = Field(
+        0.85, ge=0, le=1, description="Trained depth probe: lambda of the SigLog loss sqrt(mean g^2 - lambda mean(g)^2) "
+        "(1 = fully scale-invariant; DINOv2 and BinsFormer use 0.85).",
+    )
+    probe_gradient_weight: float = Field(
+        0.5, ge=0, description="Trained depth probe: weight of the multi-scale gradient loss beside SigLog (DINOv2: 0.5).",
+    )
+    probe_eigen_crop: bool = Field(
+        False, description="Trained depth probe: score only inside Eigen's NYUv2 crop (rows 45-471, columns 41-601 of "
+        "480x640, scaled to the image). Turn on for NYUv2; the generated set has no such border.",
+    )
     zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="Zero-shot segmentation with CLIP-space "
                                      "features: a mapping of the options of ZeroShotConfig (README, 'CLIP recipe').")
     # Running and writing
@@ -295,6 +330,12 @@ class EvaluateConfig(Section):
     output: str | None = Field(
         None, description="Report folder. Default: <run_root>/eval/<student.name>, or <run_root>/eval/<model> with evaluate.model.",
     )
+
+    @model_validator(mode="after")
+    def _depth_range(self):
+        if self.probe_min_depth >= self.probe_max_depth:
+            raise ValueError("evaluate.probe_min_depth must be below evaluate.probe_max_depth")
+        return self
 
 
 class TrackingConfig(Section):

@@ -35,8 +35,9 @@ from pipeline.evaluation.labeled import SAMPLE as SAMPLE_LABELED
 from pipeline.evaluation.labeled import LabeledSet, load_item, open_labeled, write_labeled_sample
 from pipeline.evaluation.probes import ProbeSums, iou_per_class, mean_iou
 from pipeline.evaluation.report import markdown, table
-from pipeline.evaluation.tasks import TARGET, MeasureJob, ModelRef, ProbeJob, combine, measure, merge_sums, probe, resized
-from pipeline.evaluation.tasks import ZeroShotJob, zeroshot_segment
+from pipeline.evaluation.tasks import TARGET, MeasureJob, ModelRef, ProbeJob, TrainedProbeJob, combine, measure, merge_sums
+from pipeline.evaluation.tasks import ZeroShotJob, probe, resized, trained_probe, zeroshot_segment
+from pipeline.evaluation.trained_probes import TrainedProbeSettings
 from pipeline.models.vit import describe_teacher
 from pipeline.storage import absolute, exists, has_scheme, join_url, read_json, write_bytes_atomic
 from pipeline.targets.store import TargetStore, find_store
@@ -194,11 +195,16 @@ def measure_jobs(p: Plan, block: int | None, pictures: int, per_task: int, so) -
             for shard, group in by_shard.items() for i in range(0, len(group), per_task)]
 
 
-# --- linear probes (Ray tasks over groups of labeled images) ------------------------------
+# --- linear probes (Ray tasks over groups of labeled images, or per model and kind) --------
 
 @ray.remote(num_cpus=1, max_retries=2)
 def _probe(job: ProbeJob) -> dict[str, ProbeSums]:
     return probe(job)
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def _trained_probe(job: TrainedProbeJob) -> ProbeSums:
+    return trained_probe(job)
 
 
 def run_probes(cfg: Config, p: Plan, output: str) -> dict | None:
@@ -207,25 +213,16 @@ def run_probes(cfg: Config, p: Plan, output: str) -> dict | None:
         return None
     url = write_labeled_sample(cfg.under_root("sample_labeled"), so) if e.labeled == SAMPLE_LABELED else absolute(e.labeled)
     labeled = open_labeled(url, so)
-
-    def jobs(split, weights, examples):
-        items = [it for it in labeled.splits[split] if it.mask or it.depth]
-        return [ProbeJob(labeled, items[i:i + e.images_per_task], p.preprocess, p.models, weights, examples, so)
-                for i in range(0, len(items), e.images_per_task)]
-
-    task = _probe.options(num_gpus=task_gpus())
-    fits = _gather([task.remote(j) for j in jobs("train", None, [])], "probe fit")
-    weights = {}
-    for ref in p.models:
-        total = merge_sums(f[ref.name] for f in fits)
-        weights[ref.name] = {k: s.solve(e.probe_ridge) for k, s in (("seg", total.seg_fit), ("depth", total.depth_fit)) if s}
     k = e.pca_images
     examples = [it.id for it in labeled.with_masks("val")[:k]] + [it.id for it in labeled.with_depth("val")[:k]]
-    scored = _gather([task.remote(j) for j in jobs("val", weights, examples)], "probe val")
-    results = {ref.name: merge_sums(s[ref.name] for s in scored) for ref in p.models}
-
-    report = {"labeled": url, "protocol": "ridge regression on final-layer patch features (patch-level targets), "
-              "predictions upsampled bilinearly to the model's input pixels", "ridge": e.probe_ridge, "models": {}}
+    if e.probe_protocol == "trained":
+        results = trained_probes(e, p, labeled, examples, so)
+        report = {"labeled": url, "probe_protocol": "trained", "protocol": trained_protocol(e, p), "models": {}}
+    else:
+        results = ridge_probes(e, p, labeled, examples, so)
+        report = {"labeled": url, "probe_protocol": "ridge", "protocol": "ridge regression on final-layer patch features "
+                  "(patch-level targets), predictions upsampled bilinearly to the model's input pixels", "ridge": e.probe_ridge,
+                  "models": {}}
     for name, r in results.items():
         entry = {}
         if r.seg_conf is not None:
@@ -238,6 +235,45 @@ def run_probes(cfg: Config, p: Plan, output: str) -> dict | None:
     report["splits"] = {s: {"segmentation": len(labeled.with_masks(s)), "depth": len(labeled.with_depth(s))} for s in labeled.splits}
     report["figures"] = _probe_figures(labeled, p, results, examples, output, so)
     return report
+
+
+def ridge_probes(e, p: Plan, labeled: LabeledSet, examples: list[str], so) -> dict[str, ProbeSums]:
+    """Fit sums over the train split, closed-form weights, scores over the val split."""
+    def jobs(split, weights, examples):
+        items = [it for it in labeled.splits[split] if it.mask or it.depth]
+        return [ProbeJob(labeled, items[i:i + e.images_per_task], p.preprocess, p.models, weights, examples, so)
+                for i in range(0, len(items), e.images_per_task)]
+
+    task = _probe.options(num_gpus=task_gpus())
+    fits = _gather([task.remote(j) for j in jobs("train", None, [])], "probe fit")
+    weights = {}
+    for ref in p.models:
+        total = merge_sums(f[ref.name] for f in fits)
+        weights[ref.name] = {k: s.solve(e.probe_ridge) for k, s in (("seg", total.seg_fit), ("depth", total.depth_fit)) if s}
+    scored = _gather([task.remote(j) for j in jobs("val", weights, examples)], "probe val")
+    return {ref.name: merge_sums(s[ref.name] for s in scored) for ref in p.models}
+
+
+def trained_probes(e, p: Plan, labeled: LabeledSet, examples: list[str], so) -> dict[str, ProbeSums]:
+    """One Ray task per model and probe kind the labeled set has labels for."""
+    settings = TrainedProbeSettings(e.probe_iterations, e.probe_batch_size, e.probe_lr, e.probe_stride, e.probe_depth_bins,
+                                    e.probe_min_depth, e.probe_max_depth, e.probe_siglog_lambda, e.probe_gradient_weight,
+                                    e.probe_eigen_crop, seed=0)
+    kinds = [kind for kind, has in (("seg", labeled.with_masks), ("depth", labeled.with_depth)) if has("train") and has("val")]
+    jobs = [TrainedProbeJob(labeled, kind, p.preprocess, ref, settings, examples, so) for ref in p.models for kind in kinds]
+    task = _trained_probe.options(num_gpus=task_gpus())
+    parts = _gather([task.remote(j) for j in jobs], "trained probes")
+    return {ref.name: merge_sums(part for job, part in zip(jobs, parts) if job.model.name == ref.name) for ref in p.models}
+
+
+def trained_protocol(e, p: Plan) -> str:
+    h, w = p.preprocess.size
+    return (f"trained linear heads (BatchNorm + 1x1 conv) on frozen final-layer features, DINOv2 / PH-Reg protocol: "
+            f"{e.probe_iterations} AdamW steps of {e.probe_batch_size} augmented {h}x{w} windows, lr {e.probe_lr:g} poly; "
+            f"segmentation by cross-entropy, depth by {e.probe_depth_bins} bins over {e.probe_min_depth:g}-{e.probe_max_depth:g} m "
+            f"(patch + class tokens, SigLog lambda {e.probe_siglog_lambda:g} + {e.probe_gradient_weight:g} x gradient loss"
+            f"{', Eigen crop' if e.probe_eigen_crop else ''}); sliding windows (stride {e.probe_stride:.2f} of the window) "
+            "at each val image's own resolution")
 
 
 def _probe_figures(labeled: LabeledSet, p: Plan, results: dict[str, ProbeSums], examples: list[str], output: str,

@@ -201,6 +201,6 @@ class ProbeSums:
                 return a if b is None else b
             return a + b if isinstance(a, np.ndarray) else a.merge(b)
 
+        examples = {i: {**self.examples.get(i, {}), **other.examples.get(i, {})} for i in self.examples | other.examples}
         return ProbeSums(add(self.seg_fit, other.seg_fit), add(self.depth_fit, other.depth_fit),
-                         add(self.seg_conf, other.seg_conf), add(self.depth, other.depth),
-                         {**self.examples, **other.examples})
+                         add(self.seg_conf, other.seg_conf), add(self.depth, other.depth), examples)

@@ -88,8 +88,8 @@ def markdown(report: dict) -> str:
                   for n, a in report["attention"].items()] + [""]
     probes = report.get("probes")
     if probes:
-        lines += ["## Dense linear probes", "", f"Labeled set `{probes['labeled']}` ({probes['splits']}); {probes['protocol']}; "
-                  f"ridge {probes['ridge']:g}.", "",
+        lines += ["## Dense linear probes", "", f"Labeled set `{probes['labeled']}` ({probes['splits']}); {probes['protocol']}"
+                  + (f"; ridge {probes['ridge']:g}." if "ridge" in probes else "."), "",
                   "| model | seg. mIoU | seg. pixel acc. | depth RMSE (m) | depth AbsRel | depth δ<1.25 |", "|---|---|---|---|---|---|"]
         for n, r in probes["models"].items():
             s, d = r.get("segmentation", {}), r.get("depth", {})

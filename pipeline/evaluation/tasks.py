@@ -3,7 +3,8 @@
 `measure` reads a group of images of one shard (and their target rows), runs every model once
 and returns small per-image arrays (token norms, attention, fidelity) plus the features and
 pixels of the images to be pictured; `combine` puts the tasks' results in index order.
-`probe` accumulates a linear probe's fit sums, or scores fitted weights, over labeled images.
+`probe` accumulates a linear probe's fit sums, or scores fitted weights, over labeled images;
+`trained_probe` trains one model's probe head of one kind and scores it (the paper's protocol).
 `zeroshot_segment` scores zero-shot segmentation (confusion matrices) over labeled images.
 """
 from __future__ import annotations
@@ -22,7 +23,17 @@ from pipeline.data.shards import read_images
 from pipeline.errors import ConfigError
 from pipeline.evaluation import metrics, zeroshot
 from pipeline.evaluation.labeled import LabeledItem, LabeledSet, load_item
-from pipeline.evaluation.probes import ProbeSums, confusion
+from pipeline.evaluation.probes import DepthSums, ProbeSums, confusion
+from pipeline.evaluation.trained_probes import (
+    TrainedProbeSettings,
+    estimate_depth,
+    scored_depth,
+    segment,
+    stride_of,
+    train_depth,
+    train_segmentation,
+    vit_features,
+)
 from pipeline.models.export import load_exported_features
 from pipeline.models.test_time_registers import TestTimeRegisters
 from pipeline.models.vit import PatchFeatures, load_teacher, readout
@@ -184,6 +195,57 @@ def merge_sums(sums) -> ProbeSums:
     for s in sums:
         total = total.merge(s)
     return total
+
+
+@dataclass
+class TrainedProbeJob:
+    labeled: LabeledSet
+    kind: str  # "seg" or "depth"
+    preprocess: Preprocess  # the window is its size; its normalisation
+    model: ModelRef
+    settings: TrainedProbeSettings
+    examples: list[str]  # val item ids whose predictions come back for the pictures
+    storage_options: dict
+
+
+def labeled_pixels(items: list[LabeledItem], labeled: LabeledSet, kind: str, storage_options):
+    """(item, (3, H, W) pixels in [0, 1], (H, W) long labels or float depth) at the original resolution."""
+    for item in items:
+        img, mask, depth = load_item(item, labeled, storage_options)
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        yield item, pixels, torch.from_numpy(mask if kind == "seg" else depth)
+
+
+def trained_probe(job: TrainedProbeJob) -> ProbeSums:
+    """Train one model's probe head of one kind on the train split and score it on the val
+    split, at each val image's own resolution (scores and pictured predictions as `probe`)."""
+    so, labeled, s, window, seg = job.storage_options, job.labeled, job.settings, job.preprocess.size, job.kind == "seg"
+    pick = labeled.with_masks if seg else labeled.with_depth
+    model = job.model.load(so).model.eval()
+    device = next(model.parameters()).device
+    features = vit_features(model)
+    dim = features(torch.zeros(1, 3, *window, device=device))[0].shape[1]
+    mean, std = job.preprocess.mean_tensor(), job.preprocess.std_tensor()
+    train = [(x, y) for _, x, y in labeled_pixels(pick("train"), labeled, job.kind, so)]
+    if seg:
+        head = train_segmentation(features, dim, train, len(labeled.classes), labeled.ignore_index, window, mean, std, s, device)
+    else:
+        head = train_depth(features, dim, train, window, mean, std, s, device)
+    stride, sums = stride_of(window, s.stride), ProbeSums()
+    for item, x, y in labeled_pixels(pick("val"), labeled, job.kind, so):
+        image = (x - mean) / std
+        if seg:
+            pred = segment(head, features, image, window, stride)
+            conf = confusion(pred, y, len(labeled.classes), labeled.ignore_index)
+            sums.seg_conf = conf if sums.seg_conf is None else sums.seg_conf + conf
+        else:
+            pred = estimate_depth(head, features, image, window, stride, s)
+            sums.depth = sums.depth or DepthSums()
+            sums.depth.add(pred, scored_depth(y, s))
+        if item.id in job.examples:  # pictured at the model's input pixels, as the ridge probe's predictions
+            box = crop_box(x.shape[-1], x.shape[-2], window, "center")
+            sums.examples[item.id] = {job.kind: resized(pred.numpy(), box, window)}
+    return sums
 
 
 @dataclass
