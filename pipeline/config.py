@@ -111,7 +111,17 @@ class CacheConfig(Section):
     )
     cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs each actor reserves (fractions allowed).")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads per actor on the CPU. Default: cpus_per_actor, at least 1.")
-    prefetch: int = Field(2, ge=1, description="Batches decoded ahead of the model in each actor.")
+    prefetch: int = Field(2, ge=1, description="Batches decoded ahead of the model by each reader.")
+    readers: int | None = Field(
+        None, ge=0, description="Reader processes per actor that fetch, decode and crop images ahead of the model (0: one "
+        "thread of the actor). Default: 2 with a GPU, 0 on the CPU, where the model's threads already use the actor's "
+        "cores. Each reader is about one CPU core busy: reserve them in cpus_per_actor."
+    )
+    codec: Literal["none", "lz4", "zstd"] = Field(
+        "none", description="Compression of a new store's targets. Dense features barely compress (zstd saves about a "
+        "tenth of float16 targets) and undoing zstd costs a reader more than decoding the image (BENCHMARKS.md, Data "
+        "path). An existing store keeps the codec it was made with."
+    )
     units_per_task: int | None = Field(
         None, ge=1, description="Units handed to an actor at once (its reader and writer overlap across them). "
         "Default: about four tasks per actor, at most 16 units each."
@@ -184,7 +194,12 @@ class DistillConfig(Section):
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting at the last checkpoint).")
     seed: int = Field(0, description="Seed of the data order and of the student-side flips.")
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="Probability of mirroring image and cached target together.")
-    prefetch: int = Field(4, ge=1, description="Batches each worker prepares ahead of its training step.")
+    prefetch: int = Field(4, ge=1, description="Batches each reader prepares ahead of the training step.")
+    readers: int | None = Field(
+        None, ge=0, description="Reader processes per worker that read, decode and crop its batches (0: one thread of the "
+        "worker); the batches are the same whatever the number. Default: 2 with a GPU, 0 on the CPU, where training "
+        "uses the worker's cores. Each reader is about one CPU core busy: reserve them in cpus_per_worker."
+    )
     output: str | None = Field(None, description="Folder of the student runs. Default: <run_root>/students.")
 
 

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import Config, expand_students
 from pipeline.data.images import Preprocess
 from pipeline.data.manifest import Manifest
-from pipeline.data.prefetch import prefetch
+from pipeline.data.readers import in_order
 from pipeline.errors import ConfigError
 from pipeline.evaluation import figures
 from pipeline.models.vit import PatchFeatures, build_any_student, describe_teacher, load_teacher, patch_features, student_base, unlock
@@ -41,7 +41,7 @@ from pipeline.targets.store import StoreSpec, TargetStore, describe_differences,
 from pipeline.targets.tta import denoise
 from pipeline.training import checkpoint
 from pipeline.training.losses import distill_loss, exp_decay_lr
-from pipeline.training.pairs import CachedPairs, OnlineViews, batches, epoch_plan, samples_per_rank, skip
+from pipeline.training.pairs import CachedPairs, OnlineViews, StepBatches, samples_per_rank
 from stages.runtime import cluster_gpus, init_ray, progress, say
 from stages.tracking import MLflow, Tracker, start_run
 
@@ -261,19 +261,19 @@ def train_loop(job: dict) -> None:
         source = OnlineViews(manifest, preprocess, so, spec=spec)
         fill, patch = preprocess.white().to(device), tuple(spec.teacher["patch"])
 
-        def targets_of(batch):
+        def targets_of(images, batch):
             with torch.no_grad(), autocast:
-                return denoise(lambda x: patch_features(teacher, x).float(), batch[0], batch[1], batch[2], patch, fill)
+                return denoise(lambda x: patch_features(teacher, x).float(), images, batch[1].numpy(), batch[2].numpy(),
+                               patch, fill)
     else:
         del teacher
         source = CachedPairs(manifest, preprocess, so, store=TargetStore(job["store"], so), hflip=d.hflip, seed=d.seed)
 
-        def targets_of(batch):
-            return batch[1].to(device, non_blocking=True)
+        def targets_of(images, batch):
+            return batch[1].to(device, non_blocking=True).float()
 
-    counts = source.unit_counts()
-    steps_per_epoch = samples_per_rank(counts, world) // d.batch_size
-    total = steps_per_epoch * d.epochs
+    plan = StepBatches(source, d.seed, rank, world, d.batch_size, d.epochs, first_step=step)
+    steps_per_epoch, total = plan.steps_per_epoch, plan.steps_per_epoch * d.epochs
     log = MetricsLog(join_url(job["run"], "metrics.csv"), so, step) if rank == 0 else None
     epochs_log = MetricsLog(join_url(job["run"], "epochs.csv"), so, step) if rank == 0 else None
     tracker = Tracker(cfg, job["run"], job.get("mlflow"), resume_step=step) if rank == 0 else None
@@ -286,25 +286,20 @@ def train_loop(job: dict) -> None:
         if step:
             print(f"[distill] {cfg.student.name}: resuming at step {step}/{total}", flush=True)
 
-    def epoch_batches():
-        """(epoch, batch) from the resume point to the end: one stream across epochs, so the
-        reader prepares the next epoch's first batches while this epoch's last ones train."""
-        first, done = divmod(step, steps_per_epoch)
-        for epoch in range(first, d.epochs):
-            plan = skip(epoch_plan(counts, epoch, d.seed, rank, world), (done if epoch == first else 0) * d.batch_size)
-            for batch in batches(source.examples(plan, epoch), d.batch_size):
-                yield epoch, batch
-
     window, whole_epoch = Meter(), Meter()
-    stream = prefetch(epoch_batches(), depth=d.prefetch)
+    readers = d.readers if d.readers is not None else (2 if device.type == "cuda" else 0)
+    # one stream across epochs: the readers prepare the next epoch's first batches while this
+    # epoch's last ones train
+    stream = in_order(plan, len(plan), readers, d.prefetch)
     while step < total:
+        epoch = step // steps_per_epoch
         t_wait = time.perf_counter()
-        epoch, batch = next(stream)
+        batch = next(stream)
         waited = time.perf_counter() - t_wait
         if device.type == "cuda":
-            batch = tuple(b.pin_memory() if torch.is_tensor(b) else b for b in batch)
-        images = batch[0].to(device, non_blocking=True)
-        targets = targets_of((images, *batch[1:]))
+            batch = tuple(b.pin_memory() for b in batch)
+        images = preprocess.normalize(batch[0].to(device, non_blocking=True))
+        targets = targets_of(images, batch)
         lr = exp_decay_lr(step, total, d.lr, d.final_lr, every=steps_per_epoch if d.lr_decay == "epoch" else 1)
         for group in optimizer.param_groups:
             group["lr"] = lr

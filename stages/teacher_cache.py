@@ -24,12 +24,14 @@ from stages.tracking import log_cache_run
 @ray.remote(max_restarts=2, max_task_retries=2)
 class CacheActor:
     def __init__(self, cfg: Config, store: TargetStore, manifest: Manifest):
-        use_gpu = torch.cuda.is_available()
+        # a GPU only if Ray gave this actor one: a CPU actor on a GPU node stays on the CPU
+        use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not use_gpu:
             torch.set_num_threads(cfg.cache.threads_per_actor or max(1, int(cfg.cache.cpus_per_actor)))
+        readers = cfg.cache.readers if cfg.cache.readers is not None else (2 if use_gpu else 0)
         self.targets = TeacherTargets(
             cfg.teacher, store, manifest, cfg.cache.batch_images, cfg.cache.prefetch,
-            device="cuda" if use_gpu else "cpu", storage_options=cfg.storage.storage_options,
+            device="cuda" if use_gpu else "cpu", storage_options=cfg.storage.storage_options, readers=readers,
         )
 
     def compute(self, units: list) -> list[dict]:
@@ -38,7 +40,8 @@ class CacheActor:
 
 def open_store(cfg: Config, manifest: Manifest) -> TargetStore:
     spec = store_spec(cfg, describe_teacher(cfg.teacher, cfg.storage.storage_options), manifest)
-    return TargetStore.create_or_open(cfg.cache_root, spec, manifest.url, manifest.num_rows, cfg.storage.storage_options)
+    return TargetStore.create_or_open(cfg.cache_root, spec, manifest.url, manifest.num_rows, cfg.storage.storage_options,
+                                      codec=cfg.cache.codec)
 
 
 def plan(cfg: Config) -> tuple[Manifest, TargetStore, list[Unit]]:

@@ -109,7 +109,7 @@ def test_variants_have_their_own_crops_and_views(corpus, tmp_path):
     image0, target0 = next(reader.examples([(0, np.array([0]))], epoch=0))
     image1, target1 = next(reader.examples([(0, np.array([0]))], epoch=1))  # epoch 1 -> variant 1
     assert not torch.equal(image0, image1)  # the student sees the crop of the variant ...
-    assert np.array_equal(target1.numpy(), store.read(slice(0, 1), 1)[0])  # ... with that variant's target
+    assert np.array_equal(target1.float().numpy(), store.read(slice(0, 1), 1)[0])  # ... with that variant's target
 
 
 def test_xarray_reads_the_store(corpus, tmp_path):

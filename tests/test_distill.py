@@ -61,7 +61,7 @@ def test_online_views_are_new_every_epoch_and_match_cached_variants(cached):
     from pipeline.data.shards import read_images
 
     item = prepare(decode_rgb(read_images(manifest, [1])[0]), 1, 1, spec, views.preprocess, 0)
-    assert torch.equal(item.image, e1[0]) and np.array_equal(item.offsets, e1[1]) and np.array_equal(item.flips, e1[2])
+    assert torch.equal(item.pixels, e1[0]) and np.array_equal(item.offsets, e1[1]) and np.array_equal(item.flips, e1[2])
 
 
 def test_joint_flip_mirrors_image_and_target(cached):

@@ -17,7 +17,8 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.shards import read_images
 from pipeline.targets.store import StoreSpec, TargetStore
 from pipeline.targets.teacher_targets import prepare
-from pipeline.training.pairs import CachedPairs, OnlineViews
+from pipeline.data.readers import in_order
+from pipeline.training.pairs import CachedPairs, OnlineViews, StepBatches
 
 CAPACITY, UNIT_ROWS, V = 6, 3, 2
 PRE = {"size": [32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -31,8 +32,11 @@ PLAN = [(3, np.array([2, 0, 1])), (0, np.array([1, 2, 0])), (2, np.array([0])), 
 def corpus(tmp_path_factory):
     """Two shards of 6 distinct images of different sizes (4 units of 3), no Ray needed."""
     tmp = tmp_path_factory.mktemp("pairing")
+    return tmp, _shards(tmp, str(tmp / "shards"))
+
+
+def _shards(tmp, out: str, storage_options=None) -> Manifest:
     rng = np.random.default_rng(0)
-    out = str(tmp / "shards")
     counts = {}
     for s in range(2):
         inputs = []
@@ -41,16 +45,17 @@ def corpus(tmp_path_factory):
             path = tmp / f"img{s}_{k}.png"
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
             inputs.append(str(path))
-        counts[s] = build_shard(s, inputs, ShardConfig(), CAPACITY, out)["count"]
+        counts[s] = build_shard(s, inputs, ShardConfig(), CAPACITY, out, storage_options)["count"]
     manifest = Manifest(out, "pairing", CAPACITY, UNIT_ROWS, counts)
-    manifest.save()
-    return tmp, Manifest.load(out)
+    manifest.save(storage_options)
+    return Manifest.load(out, storage_options)
 
 
-def _store(tmp, manifest, dtype):
+def _store(tmp, manifest, dtype, root=None, storage_options=None):
     spec = StoreSpec(teacher=TEACHER, counts=3, shift_frac=0.15, flip=True, seed=0, dtype=dtype, variants=V,
                      crop="random", corpus_id="pairing", unit_rows=UNIT_ROWS)
-    store = TargetStore.create_or_open(str(tmp / "cache"), spec, manifest.url, num_rows=manifest.num_rows)
+    store = TargetStore.create_or_open(root or str(tmp / "cache"), spec, manifest.url, num_rows=manifest.num_rows,
+                                       storage_options=storage_options)
     rng = np.random.default_rng(1)
     for unit in manifest.units():
         feats = torch.from_numpy(rng.normal(size=(unit.count, V, 2, 2, 8)).astype(np.float32) * 3)
@@ -78,8 +83,8 @@ def test_cached_pairs_follow_a_shuffled_plan(corpus, dtype):
             row = slice(index, index + 1)
             want_target = store.read(row, variant)[0]
             box = store.read_boxes(row, variant)[0]
-            want_image = pre(decode_rgb(read_images(manifest, [index])[0]), box)
-            assert torch.equal(target, torch.from_numpy(want_target)), (epoch, index)
+            want_image = pre.pixels(decode_rgb(read_images(manifest, [index])[0]), box)
+            assert torch.equal(target.float(), torch.from_numpy(want_target)), (epoch, index)
             assert torch.equal(image, want_image), (epoch, index)
 
 
@@ -96,5 +101,36 @@ def test_online_views_follow_a_shuffled_plan(corpus):
         assert len(got) == len(expected)
         for index, (image, offsets, flips) in zip(expected, got):
             item = prepare(decode_rgb(read_images(manifest, [index])[0]), index, epoch, spec, pre, 0)
-            assert torch.equal(image, item.image), (epoch, index)
+            assert torch.equal(image, item.pixels), (epoch, index)
             assert np.array_equal(offsets, item.offsets) and np.array_equal(flips, item.flips), (epoch, index)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_reader_processes_give_the_batches_of_a_thread(tmp_path, where, request):
+    """Batches from 1 and 2 forked reader processes equal those of the in-process thread, bit
+    for bit and in order, for a rank of two resuming mid-epoch with joint flips; on S3 the
+    readers open their own clients after the fork."""
+    if where == "s3":
+        root, options = request.getfixturevalue("s3_bucket")
+    else:
+        root, options = str(tmp_path), {}
+    manifest = _shards(tmp_path, f"{root}/shards", options)
+    store = _store(tmp_path, manifest, "float16", f"{root}/cache", options)
+    pairs = CachedPairs(manifest, Preprocess.from_dict(PRE), options, store=store, hflip=0.5, seed=4)
+    pairs.examples([(0, np.array([0]))], 0)  # the parent has used its clients before forking
+    plan = StepBatches(pairs, seed=1, rank=1, world=2, batch_size=2, epochs=3, first_step=1)
+    assert len(plan) == 8
+    batches = {readers: list(in_order(plan, len(plan), readers, depth=2)) for readers in (0, 1, 2)}
+    for readers in (1, 2):
+        assert len(batches[readers]) == len(plan)
+        for a, b in zip(batches[0], batches[readers]):
+            assert a[0].dtype == torch.uint8 and a[1].dtype == torch.float16
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_an_error_in_a_reader_process_reaches_the_consumer(corpus):
+    tmp, manifest = corpus
+    pairs = CachedPairs(manifest, Preprocess.from_dict(PRE), store=TargetStore(str(tmp / "no-store")))
+    plan = StepBatches(pairs, seed=0, rank=0, world=1, batch_size=2, epochs=1)
+    with pytest.raises(Exception, match="no target store at"):
+        list(in_order(plan, len(plan), readers=1))

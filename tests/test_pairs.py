@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.training.pairs import epoch_plan, samples_per_rank, skip
+from pipeline.training.pairs import StepBatches, epoch_plan, samples_per_rank
 
 
 def flat(plan):
@@ -43,7 +43,27 @@ def test_order_changes_with_epoch_and_is_deterministic():
     assert a == flat(epoch_plan(counts, 0, 0, 0, 1))
 
 
-def test_skip_drops_exactly_the_consumed_samples():
-    plan = epoch_plan({0: 5, 1: 5}, 0, 0, 0, 1)
-    for n in range(11):
-        assert flat(skip(plan, n)) == flat(plan)[n:]
+class Recorded:
+    """A source whose samples say where they come from: (epoch, unit, position)."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def unit_counts(self):
+        return self.counts
+
+    def samples(self, epoch, unit, positions):
+        return [(epoch, unit, int(p)) for p in positions]
+
+
+def test_step_batches_cut_the_epoch_plans_and_resume_at_any_step():
+    counts = {0: 5, 1: 7, 2: 4}
+    whole = StepBatches(Recorded(counts), seed=3, rank=0, world=1, batch_size=4, epochs=3)
+    assert whole.steps_per_epoch == 4 and len(whole) == 12  # 16 samples: 4 full batches per epoch
+    batches = [whole(i) for i in range(len(whole))]
+    for epoch in range(3):
+        plan = [(epoch, u, p) for u, p in flat(epoch_plan(counts, epoch, 3, 0, 1))]
+        assert sum(batches[4 * epoch:4 * epoch + 4], []) == plan
+    for first in (1, 4, 7, 11):  # a resumed run reads what the uninterrupted one would have
+        resumed = StepBatches(Recorded(counts), seed=3, rank=0, world=1, batch_size=4, epochs=3, first_step=first)
+        assert [resumed(i) for i in range(len(resumed))] == batches[first:]

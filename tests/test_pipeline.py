@@ -124,19 +124,21 @@ def test_targets_identical_across_runs_and_worker_counts(tmp_path, ray_local):
     assert np.array_equal(ta, tb)
     # and every row, every variant, identical to a direct single-process computation of that
     # image alone; rows no image owns stay empty
-    from pipeline.targets.teacher_targets import TeacherTargets, unit_items
+    from pipeline.targets.teacher_targets import TeacherTargets, UnitViews, view_jobs
 
     manifest = Manifest.load(one.shards_url)
     computer = TeacherTargets(one.teacher, a, manifest)
     boxes = zarr.open_group(a.zarr_url, mode="r")["boxes"][:]
     owned = set()
-    for unit in manifest.units():
-        for item in unit_items(manifest, unit, a.spec, computer.preprocess):
-            index = unit.start + item.row
-            direct = computer.targets([item])[0].half().numpy()
-            assert np.array_equal(direct, ta[index, item.variant]), (index, item.variant)
-            assert np.array_equal(np.float32(item.box), boxes[index, item.variant]), (index, item.variant)
-            owned.add(index)
+    jobs = view_jobs(manifest.units(), a.spec.variants, 1)
+    views = UnitViews(manifest, a.spec, computer.preprocess, jobs)
+    for i, (unit, _) in enumerate(jobs):
+        ((row, variant, pixels, box, offsets, flips),) = views(i)
+        index = unit.start + row
+        direct = computer.targets(pixels[None], offsets[None], flips[None])[0].half().numpy()
+        assert np.array_equal(direct, ta[index, variant]), (index, variant)
+        assert np.array_equal(box, boxes[index, variant]), (index, variant)
+        owned.add(index)
     assert len(owned) == manifest.num_images
     assert not ta[[i for i in range(len(ta)) if i not in owned]].any()
 

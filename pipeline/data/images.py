@@ -133,10 +133,19 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def __call__(self, img: Image.Image, box) -> torch.Tensor:
+        return self.normalize(self.pixels(img, box))
+
+    def pixels(self, img: Image.Image, box) -> torch.Tensor:
+        """The box resized to the model's input: (3, H, W) uint8. Readers hand these to the
+        device, a quarter of the bytes of float32, and `normalize` runs there."""
         h, w = self.size
         resized = img.resize((w, h), INTERPOLATIONS[self.interpolation], box=tuple(float(b) for b in box))
-        arr = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0
-        return (arr - self.mean_tensor()) / self.std_tensor()
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (..., 3, H, W) on any device -> float32 with the model's statistics."""
+        x = pixels.to(torch.float32) / 255.0
+        return (x - self.mean_tensor().to(x.device)) / self.std_tensor().to(x.device)
 
     def mean_tensor(self) -> torch.Tensor:
         return torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)

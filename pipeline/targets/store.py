@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
@@ -27,7 +28,7 @@ import zarr
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.vit import describe_teacher
-from pipeline.storage import exists, fs_options, join_url, list_names, read_json, write_json
+from pipeline.storage import exists, fs_options, has_scheme, join_url, list_names, read_json, write_json
 
 FORMAT = "phreg-targets/2"
 ENCODINGS = {
@@ -35,6 +36,16 @@ ENCODINGS = {
     "float16": "float16",
     "bfloat16": "uint16",  # numpy has no bfloat16: the raw bits are stored
     "int8": "int8",  # per-token absmax scale in `scales`
+}
+# Compression of a new store's `targets` and `scales`. Dense float features barely compress
+# (zstd saves about a tenth of float16 targets) while undoing zstd costs a reader more time per
+# sample than decoding the JPEG (BENCHMARKS.md, "Data path"): stores are uncompressed unless
+# asked. The codec changes no value, so it is not in the fingerprint; a store keeps the codec
+# it was created with (Zarr records it) whatever a later config says.
+CODECS = {
+    "none": None,
+    "lz4": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "zstd": zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
 }
 
 
@@ -123,12 +134,24 @@ def decode(stored: np.ndarray, scales: np.ndarray | None, dtype: str) -> np.ndar
     return stored.astype(np.float32)
 
 
+def as_tensor(stored: np.ndarray, scales: np.ndarray | None, dtype: str) -> torch.Tensor:
+    """Stored targets as a tensor in their own width (float16 stays float16: half the bytes
+    to hand to the device, which converts it); int8 is decoded to float32 here."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16)
+    if dtype == "int8":
+        return torch.from_numpy(decode(stored, scales, dtype))
+    return torch.from_numpy(np.ascontiguousarray(stored))
+
+
 class TargetStore:
     """One store. Cheap to construct and to pickle; Zarr is opened lazily in each process."""
 
     def __init__(self, url: str, storage_options=None):
         self.url = url
         self.storage_options = storage_options or {}
+        self._arrays_open: dict[str, zarr.Array] = {}
+        self._pool: ThreadPoolExecutor | None = None  # overlapping row reads on object storage
 
     def __getstate__(self):
         return {"url": self.url, "storage_options": self.storage_options}
@@ -162,9 +185,17 @@ class TargetStore:
     def spec(self) -> StoreSpec:
         return StoreSpec(**self.attrs["spec"])
 
+    def array(self, name: str) -> zarr.Array:
+        """An array of the group, opened once (each opening reads its metadata)."""
+        if name not in self._arrays_open:
+            self._arrays_open[name] = self.group[name]
+        return self._arrays_open[name]
+
     @classmethod
-    def create_or_open(cls, root: str, spec: StoreSpec, manifest_url: str, num_rows: int, storage_options=None) -> "TargetStore":
-        """The store for `spec` under `root`, created if needed, grown to `num_rows` rows."""
+    def create_or_open(cls, root: str, spec: StoreSpec, manifest_url: str, num_rows: int, storage_options=None,
+                       codec: str = "none") -> "TargetStore":
+        """The store for `spec` under `root`, created if needed (its targets compressed with
+        `codec`, a key of CODECS), grown to `num_rows` rows."""
         url = join_url(root, spec.fingerprint)
         store = cls(url, storage_options)
         if exists(join_url(store.zarr_url, "zarr.json"), storage_options):
@@ -176,7 +207,7 @@ class TargetStore:
             return store
         group = zarr.open_group(store=store.zarr_url, mode="w", zarr_format=3, storage_options=store._zarr_options())
         V, (gh, gw), D, cap = spec.variants, spec.grid, spec.dim, spec.unit_rows
-        compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+        compressor = CODECS[codec]
         group.create_array(
             "targets", shape=(num_rows, V, gh, gw, D), dtype=ENCODINGS[spec.dtype], chunks=(1, 1, gh, gw, D),
             shards=(cap, V, gh, gw, D), compressors=compressor, fill_value=0,
@@ -196,7 +227,7 @@ class TargetStore:
             "fingerprint": spec.fingerprint,
             "spec": asdict(spec),
             "manifest": manifest_url,
-            "encoding": {"targets": ENCODINGS[spec.dtype], "dtype": spec.dtype},
+            "encoding": {"targets": ENCODINGS[spec.dtype], "dtype": spec.dtype, "codec": codec},
         }
         return store
 
@@ -209,6 +240,7 @@ class TargetStore:
             if arr.shape[0] < num_rows:
                 arr.resize((num_rows, *arr.shape[1:]))
         self.__dict__.pop("group", None)
+        self._arrays_open.clear()
 
     # --- writing -------------------------------------------------------------------------
     def write_unit(self, unit, features: torch.Tensor, boxes: np.ndarray) -> dict:
@@ -252,7 +284,28 @@ class TargetStore:
         return decode(stored, scales, self.spec.dtype)
 
     def read_boxes(self, rows: slice | np.ndarray, variant: int) -> np.ndarray:
-        return self.group["boxes"][rows, variant]
+        return self.array("boxes")[rows, variant]
+
+    def read_rows(self, rows: np.ndarray, variant: int) -> torch.Tensor:
+        """Targets (n, gh, gw, D) of `rows`, in the order given, for one variant, as `as_tensor`
+        gives them. Row by row: a batch holds a few rows of a Zarr shard, and Zarr's fancy
+        indexing would read the whole shard. On object storage the rows' reads overlap."""
+        targets = self.array("targets")
+        stored = np.empty((len(rows), *targets.shape[2:]), dtype=targets.dtype)
+
+        def read(i: int) -> None:
+            stored[i] = targets[int(rows[i]), variant]
+
+        if has_scheme(self.url) and len(rows) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(8, thread_name_prefix="targets")
+            list(self._pool.map(read, range(len(rows))))
+        else:
+            list(map(read, range(len(rows))))
+        scales = None
+        if self.spec.dtype == "int8":
+            scales = np.stack([self.array("scales")[int(r), variant] for r in rows])
+        return as_tensor(stored, scales, self.spec.dtype)
 
 
 def list_stores(root: str, storage_options=None) -> list[TargetStore]:

@@ -1,10 +1,11 @@
 """Compute and store the denoised targets of units (the teacher-cache work unit).
 
 One `TeacherTargets` holds a loaded teacher and keeps it busy across a list of units:
-- a reader thread fetches each unit's images (one ranged read), decodes them and prepares
-  every (image, variant) with its crop box and views, running ahead across unit boundaries;
-- the caller's thread runs all views of `batch_images` images in one forward and recovers
-  the targets;
+- readers (`pipeline.data.readers`: processes, or a thread with `readers=0`) fetch the images
+  of each batch of `batch_images` (image, variant) pairs (one ranged read), decode them and
+  prepare each pair's uint8 crop and views, running ahead across unit boundaries;
+- the caller's thread normalises the crops on the model's device, runs all views of the
+  batch in one forward and recovers the targets;
 - a writer thread writes each finished unit's rows and only then marks the unit complete,
   while the next unit is computed.
 """
@@ -21,7 +22,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.data.images import Preprocess, crop_box, decode_rgb
 from pipeline.data.manifest import Manifest, Unit
-from pipeline.data.prefetch import prefetch
+from pipeline.data.readers import in_order
 from pipeline.data.shards import fetch_images
 from pipeline.errors import PipelineError
 from pipeline.models.vit import load_teacher, patch_features
@@ -33,7 +34,7 @@ from pipeline.targets.tta import denoise, max_shifts, sample_views, view_rng
 class Item:
     row: int  # position within the unit
     variant: int
-    image: torch.Tensor  # (3, H, W) normalised
+    pixels: torch.Tensor  # (3, H, W) uint8 crop; `Preprocess.normalize` gives the model's input
     box: tuple[float, float, float, float]
     offsets: np.ndarray
     flips: np.ndarray
@@ -44,26 +45,37 @@ def prepare(img, index: int, variant: int, spec: StoreSpec, preprocess: Preproce
     rng = view_rng(spec.seed, index, variant)
     box = crop_box(img.width, img.height, preprocess.size, spec.crop, rng)
     offsets, flips = sample_views(rng, spec.counts, max_shifts(spec.grid, spec.shift_frac), spec.flip)
-    return Item(row, variant, preprocess(img, box), box, offsets, flips)
+    return Item(row, variant, preprocess.pixels(img, box), box, offsets, flips)
 
 
-def unit_items(manifest: Manifest, unit: Unit, spec: StoreSpec, preprocess: Preprocess, storage_options=None):
-    images = fetch_images(manifest.record(unit.shard, storage_options), unit.positions, storage_options)
-    for row, (index, data) in enumerate(zip(unit.rows, images)):
-        img = decode_rgb(data)
-        for variant in range(spec.variants):
-            yield prepare(img, index, variant, spec, preprocess, row)
+def view_jobs(units: list[Unit], variants: int, batch_images: int) -> list[tuple[Unit, list[tuple[int, int]]]]:
+    """(unit, [(row, variant), ...]) of every forward, in order; a batch never spans two units."""
+    jobs = []
+    for unit in units:
+        pairs = [(row, variant) for row in range(unit.count) for variant in range(variants)]
+        jobs += [(unit, pairs[i:i + batch_images]) for i in range(0, len(pairs), batch_images)]
+    return jobs
 
 
-def batched(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+@dataclass
+class UnitViews:
+    """Loads job i of `jobs` for `in_order`: one ranged read of its images, each decoded once,
+    then (row, variant, pixels, box, offsets, flips) of each (image, variant)."""
+
+    manifest: Manifest
+    spec: StoreSpec
+    preprocess: Preprocess
+    jobs: list[tuple[Unit, list[tuple[int, int]]]]
+    storage_options: dict | None = None
+
+    def __call__(self, i: int) -> list[tuple]:
+        unit, pairs = self.jobs[i]
+        rows = sorted({row for row, _ in pairs})
+        data = fetch_images(self.manifest.record(unit.shard, self.storage_options), [unit.first + r for r in rows],
+                            self.storage_options)
+        images = {row: decode_rgb(d) for row, d in zip(rows, data)}
+        items = [prepare(images[row], unit.start + row, variant, self.spec, self.preprocess, row) for row, variant in pairs]
+        return [(it.row, it.variant, it.pixels, np.float32(it.box), it.offsets, it.flips) for it in items]
 
 
 def node_id() -> str | None:
@@ -75,28 +87,28 @@ def node_id() -> str | None:
 
 class TeacherTargets:
     def __init__(self, teacher_cfg: TeacherConfig, store: TargetStore, manifest: Manifest, batch_images: int = 4,
-                 prefetch_batches: int = 2, device: str | torch.device = "cpu", storage_options=None):
+                 prefetch_batches: int = 2, device: str | torch.device = "cpu", storage_options=None, readers: int = 0):
         self.store, self.manifest, self.spec = store, manifest, store.spec
-        self.batch_images, self.prefetch_batches = batch_images, prefetch_batches
+        self.batch_images, self.prefetch_batches, self.readers = batch_images, prefetch_batches, readers
         self.device = torch.device(device)
         self.storage_options = storage_options
         self.model = load_teacher(teacher_cfg, storage_options, self.device)
         self.preprocess = Preprocess.from_dict(self.spec.teacher["preprocess"])
         self.patch = tuple(self.spec.teacher["patch"])
-        self.fill = self.preprocess.white()
+        self.fill = self.preprocess.white().to(self.device)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             return patch_features(self.model, x).float()
 
-    def targets(self, batch: list[Item]) -> torch.Tensor:
-        images = torch.stack([it.image for it in batch])
+    def targets(self, pixels: torch.Tensor, offsets, flips) -> torch.Tensor:
+        """Denoised targets (n, gh, gw, D) float32 on the CPU of uint8 crops (n, 3, H, W) and
+        their views (n, counts, 2), (n, counts)."""
         if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        offsets = np.stack([it.offsets for it in batch])
-        flips = np.stack([it.flips for it in batch])
-        return denoise(self.features, images, offsets, flips, self.patch, self.fill).cpu()
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        images = self.preprocess.normalize(pixels)
+        return denoise(self.features, images, np.asarray(offsets), np.asarray(flips), self.patch, self.fill).cpu()
 
     def compute_units(self, units: list[Unit]) -> list[dict]:
         """Compute, write and mark complete every unit not complete yet (a retried task skips
@@ -104,32 +116,27 @@ class TeacherTargets:
         done = self.store.completed()
         todo = [u for u in units if u.id not in done]
         V, (gh, gw), D = self.spec.variants, self.spec.grid, self.spec.dim
+        jobs = view_jobs(todo, V, self.batch_images)
+        load = UnitViews(self.manifest, self.spec, self.preprocess, jobs, self.storage_options)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
             pending, results = [], []
             current, out, boxes, compute, started = None, None, None, 0.0, 0.0
-            for unit, batch in prefetch(self._batches(todo), self.prefetch_batches):
+            for (unit, pairs), batch in zip(jobs, in_order(load, len(jobs), self.readers, self.prefetch_batches)):
+                rows, variants, pixels, box, offsets, flips = batch
                 if unit is not current:
                     current, compute, started = unit, 0.0, time.time()
                     out = torch.zeros(unit.count, V, gh, gw, D)
                     boxes = np.zeros((unit.count, V, 4), dtype=np.float32)
                 tc = time.perf_counter()
-                for it, target in zip(batch, self.targets(batch)):
-                    out[it.row, it.variant] = target
-                    boxes[it.row, it.variant] = it.box
+                out[rows, variants] = self.targets(pixels, offsets, flips)
+                boxes[rows.numpy(), variants.numpy()] = box.numpy()
                 compute += time.perf_counter() - tc
-                if batch[-1].row == unit.count - 1 and batch[-1].variant == V - 1:  # the unit's last batch
+                if pairs[-1] == (unit.count - 1, V - 1):  # the unit's last batch
                     if len(pending) >= 2:  # bound the memory of units waiting to be written
                         results.append(pending.pop(0).result())
                     pending.append(writer.submit(self._write, unit, out, boxes, compute, started))
             results += [f.result() for f in pending]
         return results
-
-    def _batches(self, units: list[Unit]):
-        """(unit, batch) in order; a batch never spans two units."""
-        for unit in units:
-            items = unit_items(self.manifest, unit, self.spec, self.preprocess, self.storage_options)
-            for batch in batched(items, self.batch_images):
-                yield unit, batch
 
     def _write(self, unit: Unit, out: torch.Tensor, boxes: np.ndarray, compute: float, started: float) -> dict:
         if not torch.isfinite(out).all():

@@ -17,7 +17,7 @@ import torch
 from pipeline.data.images import Preprocess, decode_rgb
 from pipeline.data.manifest import Manifest, Unit
 from pipeline.data.shards import fetch_images
-from pipeline.targets.store import StoreSpec, TargetStore, decode
+from pipeline.targets.store import StoreSpec, TargetStore
 from pipeline.targets.teacher_targets import prepare
 
 
@@ -52,21 +52,11 @@ def samples_per_rank(counts: dict[int, int], world: int) -> int:
     return sum(counts.values()) // world
 
 
-def skip(plan: list[tuple[int, np.ndarray]], n: int) -> list[tuple[int, np.ndarray]]:
-    """The plan without its first `n` samples (resuming inside an epoch)."""
-    out = []
-    for unit, positions in plan:
-        if n >= len(positions):
-            n -= len(positions)
-            continue
-        out.append((unit, positions[n:]))
-        n = 0
-    return out
-
-
 @dataclass
 class Examples:
-    """Training examples of a plan, unit by unit: images by ranged reads, in plan order."""
+    """Training examples of a plan, unit by unit: images by ranged reads, in plan order.
+    Images come as uint8 crops (`Preprocess.pixels`); `Preprocess.normalize` runs on the
+    device that trains on them."""
 
     manifest: Manifest
     preprocess: Preprocess
@@ -78,6 +68,10 @@ class Examples:
     def unit_counts(self) -> dict[int, int]:
         return {u.id: u.count for u in self.units.values()}
 
+    def examples(self, plan: list[tuple[int, np.ndarray]], epoch: int):
+        for unit_id, positions in plan:
+            yield from self.samples(epoch, unit_id, positions)
+
     def _images(self, unit: Unit, positions):
         record = self.manifest.record(unit.shard, self.storage_options)
         return fetch_images(record, [unit.first + int(p) for p in positions], self.storage_options)
@@ -85,51 +79,82 @@ class Examples:
 
 @dataclass
 class CachedPairs(Examples):
-    """(image, target) from the store: epoch e reads variant e mod V, the image cropped with
-    that variant's recorded box. With `hflip` > 0, image and target are mirrored together
-    (valid because the denoised target averages flipped and unflipped views)."""
+    """(pixels, target) from the store: epoch e reads variant e mod V, the image cropped with
+    that variant's recorded box; targets in their stored width (`as_tensor`). With `hflip` >
+    0, image and target are mirrored together (valid because the denoised target averages
+    flipped and unflipped views)."""
 
     store: TargetStore | None = None
     hflip: float = 0.0
     seed: int = 0
 
-    def examples(self, plan: list[tuple[int, np.ndarray]], epoch: int):
-        dtype, variant = self.store.spec.dtype, epoch % self.store.spec.variants
-        for unit_id, positions in plan:
-            unit = self.units[unit_id]
-            block = slice(unit.start, unit.start + unit.count)
-            stored = self.store.group["targets"][block, variant]
-            scales = self.store.group["scales"][block, variant] if dtype == "int8" else None
-            boxes = self.store.read_boxes(block, variant)
-            for p, data in zip(positions, self._images(unit, positions)):
-                image = self.preprocess(decode_rgb(data), boxes[p])
-                target = torch.from_numpy(decode(stored[p], None if scales is None else scales[p], dtype))
-                if self.hflip and np.random.default_rng([self.seed, epoch, unit.start + int(p)]).random() < self.hflip:
-                    image, target = image.flip(-1), target.flip(1)
-                yield image, target
+    def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        unit, variant = self.units[unit_id], epoch % self.store.spec.variants
+        targets = self.store.read_rows(unit.start + np.asarray(positions, dtype=np.int64), variant)
+        boxes = self.store.read_boxes(slice(unit.start, unit.start + unit.count), variant)
+        out = []
+        for p, data, target in zip(positions, self._images(unit, positions), targets):
+            pixels = self.preprocess.pixels(decode_rgb(data), boxes[p])
+            if self.hflip and np.random.default_rng([self.seed, epoch, unit.start + int(p)]).random() < self.hflip:
+                pixels, target = pixels.flip(-1), target.flip(1)
+            out.append((pixels, target))
+        return out
 
 
 @dataclass
 class OnlineViews(Examples):
-    """(image, offsets, flips) for computing targets inside the step, as the reference
+    """(pixels, offsets, flips) for computing targets inside the step, as the reference
     implementation does: every epoch a new crop and new views per image, drawn from
     (seed, index, epoch), so epoch e sees what a cache's variant e would hold."""
 
     spec: StoreSpec | None = None
 
-    def examples(self, plan: list[tuple[int, np.ndarray]], epoch: int):
-        for unit_id, positions in plan:
-            unit = self.units[unit_id]
-            for p, data in zip(positions, self._images(unit, positions)):
-                item = prepare(decode_rgb(data), unit.start + int(p), epoch, self.spec, self.preprocess, 0)
-                yield item.image, item.offsets, item.flips
+    def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[tuple]:
+        unit = self.units[unit_id]
+        out = []
+        for p, data in zip(positions, self._images(unit, positions)):
+            item = prepare(decode_rgb(data), unit.start + int(p), epoch, self.spec, self.preprocess, 0)
+            out.append((item.pixels, item.offsets, item.flips))
+        return out
 
 
-def batches(examples, batch_size: int):
-    """Stack tuples of tensors (or arrays) field by field; drops a short last batch."""
-    buffer = []
-    for example in examples:
-        buffer.append(example)
-        if len(buffer) == batch_size:
-            yield tuple(torch.stack(f) if torch.is_tensor(f[0]) else np.stack(f) for f in zip(*buffer))
-            buffer = []
+@dataclass
+class StepBatches:
+    """The batches of one rank's run from `first_step` on, as `in_order` loads them: batch i
+    is step first_step + i, cut from its epoch's plan, so a run resumed at any step reads
+    what an uninterrupted one would have. Picklable: reader processes each build the plans
+    they need (a few permutations per epoch)."""
+
+    source: Examples
+    seed: int
+    rank: int
+    world: int
+    batch_size: int
+    epochs: int
+    first_step: int = 0
+
+    def __post_init__(self):
+        self.counts = self.source.unit_counts()
+        self.steps_per_epoch = samples_per_rank(self.counts, self.world) // self.batch_size
+        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, unit of each sample, position)
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch * self.epochs - self.first_step)
+
+    def epoch(self, i: int) -> int:
+        return (self.first_step + i) // self.steps_per_epoch
+
+    def __call__(self, i: int) -> list[tuple]:
+        epoch = self.epoch(i)
+        if self._plan is None or self._plan[0] != epoch:
+            plan = epoch_plan(self.counts, epoch, self.seed, self.rank, self.world)
+            units = np.concatenate([np.full(len(p), u) for u, p in plan])
+            self._plan = (epoch, units, np.concatenate([p for _, p in plan]))
+        _, units, positions = self._plan
+        first = (self.first_step + i) % self.steps_per_epoch * self.batch_size
+        units, positions = units[first:first + self.batch_size], positions[first:first + self.batch_size]
+        out, start = [], 0
+        for end in [*np.flatnonzero(units[1:] != units[:-1]) + 1, len(units)]:  # runs of one unit
+            out += self.source.samples(epoch, int(units[start]), positions[start:end])
+            start = end
+        return out
