@@ -408,9 +408,21 @@ def zeroshot(work: Path) -> dict:
     return zeroshot_planted(str(work / "zeroshot"))
 
 
+def data_path(work: Path, s3: S3) -> dict:
+    from bench.data_path import data_path as measure
+
+    return measure(work, s3)
+
+
+def gpu(work: Path) -> dict:
+    from bench.gpu import gpu as measure
+
+    return measure(work)
+
+
 SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,
             "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted, "caching": caching_price,
-            "neuron_planted": neuron_planted, "zeroshot": zeroshot}
+            "neuron_planted": neuron_planted, "zeroshot": zeroshot, "data_path": data_path, "gpu": gpu}
 
 
 def main() -> None:
