@@ -91,6 +91,10 @@ class TTAConfig(Section):
     shift_frac: float = Field(0.15, ge=0.0, lt=1.0, description="Largest shift, as a fraction of the patch grid.")
     flip: bool = Field(True, description="Flip views horizontally at random (never view 0).")
     seed: int = Field(0, description="Seed of the views; an image's views depend only on (seed, global index, variant).")
+    fps_start: Literal["origin", "random"] = Field(
+        "origin", description="Farthest-point sampling of the shifts starts at the identity ('origin'), or at a random "
+        "candidate with view 0 then set to the identity ('random', as the reference implementation does)."
+    )
 
 
 class CacheConfig(Section):

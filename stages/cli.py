@@ -24,6 +24,9 @@ COMMANDS = {
     "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export", "tracking", "students"]),
     "evaluate": ("Artifact tokens, target fidelity, linear probes and pictures: teacher vs targets vs student, or one model.",
                  ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "tracking", "students"]),
+    "import-dinov2": ("A released PH-Reg DINOv2 student (.pth: Hugging Face Dinov2Model + registers, --export.checkpoint) "
+                      "-> timm hub folder of architecture --teacher.model at --export.output.",
+                      ["storage", "teacher", "student", "export"]),
     "verify": ("Check a target store against its manifest; exit non-zero on any problem.",
                ["storage", "shard", "teacher", "tta", "cache", "distill"]),
     "list": ("List the target stores under the cache root with their settings and completeness.", ["storage", "cache"]),
@@ -114,6 +117,7 @@ ENTRY_POINTS = {
     "distill": "stages.distill:run",
     "export": "stages.export:run",
     "evaluate": "stages.evaluate:run",
+    "import-dinov2": "stages.export:import_dinov2",
     "verify": "stages.caches:verify",
     "list": "stages.caches:list_caches",
     "demo": "stages.demo:run",

@@ -4,8 +4,9 @@ from __future__ import annotations
 import tempfile
 
 from pipeline.config import Config, expand_students
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.export import load_exported_features, max_output_difference, upload, write_folder
+from pipeline.models.reference_weights import phreg_dinov2_student, read_released
 from pipeline.models.vit import PatchFeatures
 from pipeline.storage import join_url
 from pipeline.training import checkpoint
@@ -36,4 +37,22 @@ def export_one(cfg: Config) -> str:
     say(f"export: {ckpt} (step {state['step']}) -> {cfg.export_url}\n"
         f"  load with timm.create_model('local-dir:<folder>', pretrained=True); outputs verified identical"
         + ("\n  projection.safetensors maps its features to the teacher's width" if projection is not None else ""))
+    return cfg.export_url
+
+
+def import_dinov2(cfg: Config) -> str:
+    """A released PH-Reg DINOv2 student (`export.checkpoint`: a Hugging Face Dinov2Model state
+    dict plus `registers`, path or URL) -> a timm hub folder of architecture `teacher.model` at
+    `export.output`, checked by reloading it; `evaluate --evaluate.model <folder>` measures it."""
+    so = cfg.storage.storage_options
+    if not cfg.export.checkpoint:
+        raise ConfigError("import-dinov2 needs --export.checkpoint: the released student's .pth file (a path or URL)")
+    student = phreg_dinov2_student(read_released(cfg.export.checkpoint, so), cfg.teacher.model, **cfg.teacher.model_kwargs)
+    with tempfile.TemporaryDirectory() as folder:
+        write_folder(student, folder, {"source": "PH-Reg released DINOv2 student", "checkpoint": cfg.export.checkpoint})
+        diff = max_output_difference(PatchFeatures(student, None), load_exported_features(folder))
+        if diff != 0.0:
+            raise PipelineError(f"the imported model's outputs differ after reloading by {diff}")
+        upload(folder, cfg.export_url, so)
+    say(f"import-dinov2: {cfg.export.checkpoint} ({cfg.teacher.model}, {student.num_reg_tokens} registers) -> {cfg.export_url}")
     return cfg.export_url

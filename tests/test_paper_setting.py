@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import PHREG_UNLOCK, load_config
 from pipeline.models.vit import describe_teacher
 from pipeline.storage import join_url
 from pipeline.training import checkpoint
@@ -18,10 +18,12 @@ PRESET = Path(__file__).resolve().parents[1] / "configs" / "paper-dinov2.yaml"
 def test_preset_is_the_published_setting():
     cfg = load_config([PRESET])
     assert (cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.img_size) == ("vit_base_patch14_dinov2", True, 518)
-    assert (cfg.tta.counts, cfg.tta.shift_frac, cfg.tta.flip) == (10, 0.15, True)
-    assert cfg.student.registers == 16 and cfg.student.unlock is None  # the default unlock set is the paper's
+    assert (cfg.tta.counts, cfg.tta.shift_frac, cfg.tta.flip, cfg.tta.fps_start) == (10, 0.15, True, "random")
+    assert cfg.student.registers == 16  # the paper's unlock set, with its trained class position as the class token
+    assert cfg.student.unlock == [*PHREG_UNLOCK, "cls_token"]
     d = cfg.distill
     assert (d.epochs, d.batch_size, d.lr, d.final_lr, d.weight_decay, d.mse_scale) == (100, 8, 1e-4, 5e-6, 1e-2, 1.0)
+    assert d.lr_decay == "epoch"
     assert cfg.cache.crop == "random" and cfg.cache.variants > 1  # the cached stand-in for per-epoch random crops
 
 

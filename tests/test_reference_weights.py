@@ -68,3 +68,21 @@ def test_exported_folder_loads_through_timm_with_equal_outputs(tmp_path):
     export_phreg_dinov2(str(tmp_path / "student.pth"), str(tmp_path / "hub"), model="vit_small_patch14_dinov2",
                         depth=2, embed_dim=64, num_heads=2)
     assert max_output_difference(load_exported(str(tmp_path / "hub")), source) < 1e-5
+
+
+def test_the_import_command_writes_a_folder_evaluate_can_load(tmp_path, capsys):
+    from stages.cli import main
+
+    source = timm.create_model("vit_small_patch14_dinov2", reg_tokens=2, no_embed_class=True, **ARGS).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.save(hf_layout(source), tmp_path / "student.pth")
+    main(["import-dinov2", "--storage.run_root", str(tmp_path / "run"), "--export.checkpoint", str(tmp_path / "student.pth"),
+          "--teacher.model", "vit_small_patch14_dinov2", "--teacher.model_kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}"])
+    folder = tmp_path / "run" / "exports" / "r16"  # the default student.name
+    assert "import-dinov2:" in capsys.readouterr().out
+    assert max_output_difference(load_exported(str(folder)), source) < 1e-5
+    with pytest.raises(SystemExit):
+        main(["import-dinov2", "--storage.run_root", str(tmp_path / "run")])
+    assert "needs --export.checkpoint" in capsys.readouterr().err

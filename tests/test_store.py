@@ -114,3 +114,19 @@ def test_objects_written_by_other_processes_are_seen(s3_bucket):
     s3fs.S3FileSystem(**options, skip_instance_cache=True).pipe(f"{path}/complete/00000001.json", b"{}")
     assert exists(join_url(url, "complete", "00000001.json"), options)
     assert url_to_fs(url, options)[0] is fs
+
+
+def test_a_later_field_at_its_default_leaves_the_fingerprint_alone(tmp_path):
+    """Stores made before `fps_start` existed keep their names; the reference start makes a
+    store of its own, and a store reopens with the spec it was made with."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    before = {k: v for k, v in asdict(SPEC).items() if k != "fps_start"}
+    assert SPEC.fingerprint == hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    reference = replace(SPEC, fps_start="random")
+    assert reference.fingerprint != SPEC.fingerprint
+    store = TargetStore.create_or_open(str(tmp_path), reference, "m", num_rows=3)
+    assert TargetStore(store.url).spec == reference
+    assert TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3).spec == SPEC

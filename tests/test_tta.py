@@ -20,6 +20,20 @@ def test_offsets_in_range_view0_identity_never_flipped(seed):
     assert np.all(np.abs(offsets[:, 0]) <= 2) and np.all(np.abs(offsets[:, 1]) <= 3)
 
 
+def test_fps_from_a_random_candidate_keeps_view0_the_identity():
+    """The reference's start: FPS from a random candidate, whose slot then becomes (0, 0)."""
+    for i in range(20):
+        offsets, flips = sample_views(view_rng(0, i), 10, (3, 3), True, fps_start="random")
+        assert tuple(offsets[0]) == (0, 0) and not flips[0] and len({tuple(o) for o in offsets[1:]}) == 9
+        rng = view_rng(0, i)  # by hand: the same draws, the same greedy choice from that candidate
+        cands = np.stack([rng.integers(-3, 4, size=100), rng.integers(-3, 4, size=100)], axis=1)
+        start = cands[rng.integers(100)]
+        assert np.array_equal(offsets[1:], farthest_point_sample(cands, 10, first=start)[1:])
+    origin = [sample_views(view_rng(0, i), 10, (3, 3), True)[0] for i in range(20)]
+    random = [sample_views(view_rng(0, i), 10, (3, 3), True, fps_start="random")[0] for i in range(20)]
+    assert any(not np.array_equal(a, b) for a, b in zip(origin, random))
+
+
 def test_no_flip_when_disabled():
     _, flips = sample_views(view_rng(0, 0), 10, (2, 2), flip=False)
     assert not flips.any()

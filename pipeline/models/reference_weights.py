@@ -7,6 +7,7 @@ distils (`reg_tokens=R, no_embed_class=True`), so its evaluation runs on release
 """
 from __future__ import annotations
 
+import io
 import math
 import re
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.models.export import write_folder
+from pipeline.storage import read_bytes
 
 _SWAPS = [
     (r"^encoder\.layer\.", "blocks."),
@@ -76,10 +78,14 @@ def phreg_dinov2_student(state: dict[str, torch.Tensor], model: str = "vit_base_
     return student.eval()
 
 
+def read_released(url: str, storage_options=None) -> dict[str, torch.Tensor]:
+    """A released checkpoint file (path or URL): a torch state dict, read without running code."""
+    return torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
+
+
 def export_phreg_dinov2(checkpoint: str, folder: str, model: str = "vit_base_patch14_dinov2", **kwargs) -> nn.Module:
-    """The released checkpoint file (a torch state dict, read without running code) -> a timm
-    hub folder that `evaluate` and `timm.create_model('local-dir:...')` load as any exported student."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    student = phreg_dinov2_student(state, model=model, **kwargs)
+    """The released checkpoint file -> a timm hub folder that `evaluate` and
+    `timm.create_model('local-dir:...')` load as any exported student."""
+    student = phreg_dinov2_student(read_released(checkpoint), model=model, **kwargs)
     write_folder(student, folder, {"source": "PH-Reg released DINOv2 student", "checkpoint": checkpoint})
     return student

@@ -49,6 +49,9 @@ CODECS = {
 }
 
 
+LATER_FIELDS = {"fps_start": "origin"}
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     """Everything that changes a target. Its hash names the store."""
@@ -64,10 +67,20 @@ class StoreSpec:
     corpus_id: str
     unit_rows: int
     infill: str = "white"
+    fps_start: str = "origin"  # where farthest-point sampling of the views starts (tta.fps_start)
+
+    def to_dict(self) -> dict:
+        """The spec as stored and hashed. Fields added after the format are left out at their
+        defaults, so stores made before them keep their names."""
+        d = asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     @property
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -92,7 +105,7 @@ def store_spec(cfg, teacher, manifest) -> StoreSpec:
     """The spec a `Config` asks for, given its `TeacherSpec` and the corpus `Manifest`."""
     return StoreSpec(
         teacher=teacher.to_dict(), counts=cfg.tta.counts, shift_frac=cfg.tta.shift_frac, flip=cfg.tta.flip,
-        seed=cfg.tta.seed, dtype=cfg.cache.dtype, variants=cfg.cache.variants, crop=cfg.cache.crop_mode,
+        seed=cfg.tta.seed, fps_start=cfg.tta.fps_start, dtype=cfg.cache.dtype, variants=cfg.cache.variants, crop=cfg.cache.crop_mode,
         corpus_id=manifest.corpus_id, unit_rows=manifest.unit_rows,
     )
 
@@ -200,8 +213,8 @@ class TargetStore:
         store = cls(url, storage_options)
         if exists(join_url(store.zarr_url, "zarr.json"), storage_options):
             have = store.attrs["spec"]
-            if have != asdict(spec):  # a hash collision or a hand-edited store
-                diff = describe_differences(have, asdict(spec), "store", "config")
+            if have != spec.to_dict():  # a hash collision or a hand-edited store
+                diff = describe_differences(have, spec.to_dict(), "store", "config")
                 raise ConfigError(f"store {url} does not hold what its name says:\n  " + "\n  ".join(diff))
             store.grow(num_rows)
             return store
@@ -225,7 +238,7 @@ class TargetStore:
         group.attrs["phreg"] = {
             "format": FORMAT,
             "fingerprint": spec.fingerprint,
-            "spec": asdict(spec),
+            "spec": spec.to_dict(),
             "manifest": manifest_url,
             "encoding": {"targets": ENCODINGS[spec.dtype], "dtype": spec.dtype, "codec": codec},
         }
@@ -348,7 +361,7 @@ def locate_store(cfg, manifest) -> TargetStore:
         if store.url not in stores:
             lines = [f"no target store under {cfg.cache_root} matches this config (fingerprint {spec.fingerprint})."]
             for other in stores.values():
-                diff = describe_differences(other.attrs["spec"], asdict(spec), "store", "config")
+                diff = describe_differences(StoreSpec(**other.attrs["spec"]).to_dict(), spec.to_dict(), "store", "config")
                 lines.append(f"{other.url} differs in:\n    " + "\n    ".join(diff))
             lines.append("Run the teacher-cache stage with this config, or set distill.store to an existing store.")
             raise ConfigError("\n".join(lines))

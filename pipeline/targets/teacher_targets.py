@@ -44,7 +44,7 @@ def prepare(img, index: int, variant: int, spec: StoreSpec, preprocess: Preproce
     """Crop box and views of one (image, variant): a function of (seed, index, variant) only."""
     rng = view_rng(spec.seed, index, variant)
     box = crop_box(img.width, img.height, preprocess.size, spec.crop, rng)
-    offsets, flips = sample_views(rng, spec.counts, max_shifts(spec.grid, spec.shift_frac), spec.flip)
+    offsets, flips = sample_views(rng, spec.counts, max_shifts(spec.grid, spec.shift_frac), spec.flip, spec.fps_start)
     return Item(row, variant, preprocess.pixels(img, box), box, offsets, flips)
 
 

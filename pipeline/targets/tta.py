@@ -34,13 +34,21 @@ def farthest_point_sample(candidates: np.ndarray, k: int, first=(0, 0)) -> np.nd
     return np.stack(chosen)
 
 
-def sample_views(rng: np.random.Generator, counts: int, shifts: tuple[int, int], flip: bool):
-    """Offsets (counts, 2) as (dy, dx) in patches and flips (counts,). View 0 is the identity."""
+def sample_views(rng: np.random.Generator, counts: int, shifts: tuple[int, int], flip: bool, fps_start: str = "origin"):
+    """Offsets (counts, 2) as (dy, dx) in patches and flips (counts,). View 0 is the identity.
+    `fps_start`: farthest-point sampling starts at the identity ('origin'), or at a random
+    candidate whose place, view 0, then becomes the identity ('random')."""
     my, mx = shifts
     candidates = np.stack(
         [rng.integers(-my, my + 1, size=counts * 10), rng.integers(-mx, mx + 1, size=counts * 10)], axis=1
     )
-    offsets = farthest_point_sample(candidates, counts)
+    if fps_start == "origin":
+        offsets = farthest_point_sample(candidates, counts)
+    elif fps_start == "random":
+        offsets = farthest_point_sample(candidates, counts, first=candidates[rng.integers(len(candidates))])
+        offsets[0] = 0
+    else:
+        raise ValueError(f"unknown fps_start {fps_start!r}")
     flips = rng.random(counts) < 0.5 if flip else np.zeros(counts, dtype=bool)
     flips[0] = False
     return offsets, flips
