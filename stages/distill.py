@@ -141,7 +141,10 @@ def run(cfg: Config) -> list:
         say(f"distill: {job['run']}: step {result.metrics.get('step')}, loss {result.metrics.get('loss')}, "
             f"cosine {result.metrics.get('cosine')}")
         if job["mlflow"]:
-            MLflow(job["mlflow"]["uri"], job["mlflow"]["run_id"]).finish()
+            tracked = MLflow(job["mlflow"]["uri"], job["mlflow"]["run_id"])
+            if gap := tracked.missing_steps("train/loss", job["total_steps"]):
+                say(gap)
+            tracked.finish()
     return results
 
 
@@ -290,14 +293,12 @@ def train_loop(job: dict) -> None:
     readers = d.readers if d.readers is not None else (2 if device.type == "cuda" else 0)
     # one stream across epochs: the readers prepare the next epoch's first batches while this
     # epoch's last ones train
-    stream = in_order(plan, len(plan), readers, d.prefetch)
+    stream = in_order(plan, len(plan), readers, d.prefetch, pin_memory=device.type == "cuda")
     while step < total:
         epoch = step // steps_per_epoch
         t_wait = time.perf_counter()
         batch = next(stream)
         waited = time.perf_counter() - t_wait
-        if device.type == "cuda":
-            batch = tuple(b.pin_memory() for b in batch)
         images = preprocess.normalize(batch[0].to(device, non_blocking=True))
         targets = targets_of(images, batch)
         lr = exp_decay_lr(step, total, d.lr, d.final_lr, every=steps_per_epoch if d.lr_decay == "epoch" else 1)

@@ -105,9 +105,7 @@ class TeacherTargets:
     def targets(self, pixels: torch.Tensor, offsets, flips) -> torch.Tensor:
         """Denoised targets (n, gh, gw, D) float32 on the CPU of uint8 crops (n, 3, H, W) and
         their views (n, counts, 2), (n, counts)."""
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        images = self.preprocess.normalize(pixels)
+        images = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
         return denoise(self.features, images, np.asarray(offsets), np.asarray(flips), self.patch, self.fill).cpu()
 
     def compute_units(self, units: list[Unit]) -> list[dict]:
@@ -121,7 +119,8 @@ class TeacherTargets:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
             pending, results = [], []
             current, out, boxes, compute, started = None, None, None, 0.0, 0.0
-            for (unit, pairs), batch in zip(jobs, in_order(load, len(jobs), self.readers, self.prefetch_batches)):
+            batches = in_order(load, len(jobs), self.readers, self.prefetch_batches, pin_memory=self.device.type == "cuda")
+            for (unit, pairs), batch in zip(jobs, batches):
                 rows, variants, pixels, box, offsets, flips = batch
                 if unit is not current:
                     current, compute, started = unit, 0.0, time.time()
