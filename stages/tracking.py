@@ -129,6 +129,18 @@ class MLflow:
     def finish(self) -> None:
         self._call("closing the run", self.client.set_terminated, self.run_id)
 
+    def missing_steps(self, key: str, last_step: int) -> str | None:
+        """A sentence when the run's `key` stops before `last_step`: the workers log into
+        MLflow themselves and say a failure only in Ray's logs, so the driver checks after."""
+        try:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+        except Exception as e:
+            return f"mlflow: cannot read run {self.run_id} back at {self.uri} ({type(e).__name__})"
+        if not steps or max(steps) < last_step:
+            return (f"mlflow: run {self.run_id} has {key} up to step {max(steps) if steps else 'none'} of {last_step}: "
+                    "the workers lost the tracking server (Ray's logs say when); TensorBoard and metrics.csv have every step")
+        return None
+
 
 def reachable(uri: str) -> bool:
     """A file or database URI always is; an http(s) server when its /health answers."""

@@ -220,3 +220,17 @@ def evaluate_norm_max(cfg) -> float:
     from pipeline.storage import read_json
 
     return read_json(f"{cfg.eval_url}/report.json", cfg.storage.storage_options)["norms"]["student"]["norm_max"]
+
+
+def test_the_driver_says_when_mlflow_lost_steps(mlflow_server):
+    from mlflow import MlflowClient
+
+    from stages.tracking import MLflow
+
+    client = MlflowClient(mlflow_server)
+    run = client.create_run(client.create_experiment(f"gap-{time.time()}")).info.run_id
+    tracked = MLflow(mlflow_server, run)
+    tracked.metrics({"train/loss": 1.0}, 4)
+    assert "up to step 4 of 10" in tracked.missing_steps("train/loss", 10)
+    tracked.metrics({"train/loss": 0.5}, 10)
+    assert tracked.missing_steps("train/loss", 10) is None
