@@ -10,6 +10,7 @@ uses the rest of the machine.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import time
 from pathlib import Path
@@ -65,18 +66,18 @@ def reference_features(work: Path, n: int = 4) -> np.ndarray:
     return np.load(path)
 
 
-def reference_corpus(root: str, storage_options=None) -> Manifest:
-    """IMAGES photographs in shards of UNIT_ROWS (one unit each), without Ray."""
+def reference_corpus(root: str, storage_options=None, unit_rows: int = UNIT_ROWS) -> Manifest:
+    """IMAGES photographs in shards of `unit_rows` (one unit each), without Ray."""
     photos, shards = join_url(root, "photos"), join_url(root, "shards")
     inputs = []
     for name, data in sized_photographs(IMAGES):
         inputs.append(join_url(photos, name))
         write_bytes_atomic(inputs[-1], data, storage_options)
     counts = {}
-    for s in range(IMAGES // UNIT_ROWS):
-        part = inputs[s * UNIT_ROWS:(s + 1) * UNIT_ROWS]
-        counts[s] = build_shard(s, part, ShardConfig(), UNIT_ROWS, shards, storage_options)["count"]
-    Manifest(shards, "data-path", UNIT_ROWS, UNIT_ROWS, counts).save(storage_options)
+    for s in range(IMAGES // unit_rows):
+        part = inputs[s * unit_rows:(s + 1) * unit_rows]
+        counts[s] = build_shard(s, part, ShardConfig(), unit_rows, shards, storage_options)["count"]
+    Manifest(shards, "data-path", unit_rows, unit_rows, counts).save(storage_options)
     return Manifest.load(shards, storage_options)
 
 
@@ -84,7 +85,7 @@ def reference_store(root: str, manifest: Manifest, features: np.ndarray, storage
                     codec: str = "none") -> TargetStore:
     """A complete float16 store whose rows are the reference features in turn, centre crops."""
     spec = StoreSpec(teacher=describe_teacher(REFERENCE).to_dict(), counts=10, shift_frac=0.15, flip=True, seed=0,
-                     dtype="float16", variants=1, crop="center", corpus_id=manifest.corpus_id, unit_rows=UNIT_ROWS)
+                     dtype="float16", variants=1, crop="center", corpus_id=manifest.corpus_id, unit_rows=manifest.unit_rows)
     store = TargetStore.create_or_open(root, spec, manifest.url, manifest.num_rows, storage_options, codec=codec)
     size = Preprocess.from_dict(spec.teacher["preprocess"]).size
     for unit in manifest.units():
@@ -162,31 +163,49 @@ def codec_costs(root: Path, manifest: Manifest, features: np.ndarray) -> dict:
     return out
 
 
-def best(measure, repeats: int = 2) -> float:
+def best(measure, repeats: int = 3) -> float:
     """The best of `repeats` measurements: other tenants of this machine only slow one down."""
     return round(max(measure() for _ in range(repeats)), 1)
+
+
+def moto_range_read_ms(s3, megabytes: int) -> float:
+    """Milliseconds for a 2 MB ranged GET from an object of `megabytes` on the moto endpoint."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3.options)
+    path = f"{s3.bucket(f'bench-range-{megabytes}')}/object"
+    fs.pipe(path, bytes(megabytes << 20))
+    start = time.perf_counter()
+    for _ in range(5):
+        fs.cat_file(path, start=1 << 20, end=3 << 20)
+    return round((time.perf_counter() - start) / 5 * 1e3, 1)
 
 
 def data_path(work: Path, s3) -> dict:
     """Readers' capacity at the reference size: 1 and 2 reader processes, local store and S3
     (`*_s3`), distill and teacher-cache; then, locally, what each technique changes (a thread
     instead of a process, float work on the host, a zstd store): the path before this one is
-    `*_thread_on_host_zstd` (distill) and `*_thread_on_host` (teacher cache)."""
+    `*_thread_on_host_zstd` (distill) and `*_thread_on_host` (teacher cache). On S3 also with
+    8-row units (`*_s3_8_row_units`): moto answers a ranged GET in a time that grows with the
+    object's size (`moto_range_read_ms_*`), which real object stores do not."""
     features = reference_features(work)
     out = {}
     folder = work / "data_path"
     shutil.rmtree(folder, ignore_errors=True)
-    for where in ("local", "s3"):
+    layouts = (("local", UNIT_ROWS, ""), ("s3", UNIT_ROWS, "_s3"), ("s3", 8, "_s3_8_row_units"))
+    made = []  # everything is written first: the disk's write-back then no longer competes with the readers
+    for where, unit_rows, suffix in layouts:
         options = s3.options if where == "s3" else {}
-        root = f"{s3.bucket('bench-data-path')}/data" if where == "s3" else str(folder / "local")
-        manifest = reference_corpus(root, options)
-        store = reference_store(join_url(root, "cache"), manifest, features, options)
-        suffix = "_s3" if where == "s3" else ""
+        root = f"{s3.bucket(f'bench-data-path-{unit_rows}')}/data" if where == "s3" else str(folder / "local")
+        manifest = reference_corpus(root, options, unit_rows)
+        made.append((where, suffix, options, manifest, reference_store(join_url(root, "cache"), manifest, features, options)))
+    zstd = reference_store(str(folder / "zstd"), made[0][3], features, codec="zstd")
+    os.sync()
+    for where, suffix, options, manifest, store in made:
         for readers, key in ((1, ""), (2, "_2_readers")):
             out[f"distill_reader_samples_per_s{key}{suffix}"] = best(lambda: distill_rate(manifest, store, options, readers))
             out[f"teacher_reader_images_per_s{key}{suffix}"] = best(lambda: teacher_rate(manifest, store.spec, options, readers))
         if where == "local":
-            zstd = reference_store(str(folder / "zstd"), manifest, features, codec="zstd")
             out["distill_reader_samples_per_s_thread"] = best(lambda: distill_rate(manifest, store, options, 0))
             out["distill_reader_samples_per_s_on_host"] = best(lambda: distill_rate(manifest, store, options, 1, on_host=True))
             out["distill_reader_samples_per_s_zstd"] = best(lambda: distill_rate(manifest, zstd, options, 1))
@@ -196,8 +215,10 @@ def data_path(work: Path, s3) -> dict:
             out["teacher_reader_images_per_s_thread_on_host"] = best(
                 lambda: teacher_rate(manifest, store.spec, options, 0, on_host=True))
             out.update(codec_costs(folder / "codecs", manifest, features))
-    for kind in ("distill_reader_samples_per_s", "teacher_reader_images_per_s"):
-        for suffix in ("", "_s3"):
-            out[f"{kind.split('_')[0]}_reader_scaling_2_readers{suffix}"] = round(
-                out[f"{kind}_2_readers{suffix}"] / out[f"{kind}{suffix}"], 2)
+    out["moto_range_read_ms_3mb_object"] = moto_range_read_ms(s3, 3)
+    out["moto_range_read_ms_134mb_object"] = moto_range_read_ms(s3, 134)
+    for kind in ("distill", "teacher"):
+        rate_key = "distill_reader_samples_per_s" if kind == "distill" else "teacher_reader_images_per_s"
+        for _, _, suffix in layouts:
+            out[f"{kind}_reader_scaling_2_readers{suffix}"] = round(out[f"{rate_key}_2_readers{suffix}"] / out[f"{rate_key}{suffix}"], 2)
     return out
