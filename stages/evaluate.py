@@ -314,14 +314,15 @@ def _zeroshot(job: ZeroShotJob) -> dict:
     return zeroshot_segment(job)
 
 
-def class_queries(z, classes: list[str], dim: int, so) -> tuple[torch.Tensor, torch.Tensor]:
+def class_queries(z, classes: list[str], dim: int | None, so) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, D) unit class embeddings and the class of each: from evaluate.zeroshot.embeddings,
-    else from the text tower (synonyms x CLIP's 80 templates)."""
+    else from the text tower (synonyms x CLIP's 80 templates). Checked against the features'
+    width `dim` here when it is known, else in the tasks."""
     if z.embeddings:
         return zeroshot.load_class_embeddings(absolute(z.embeddings), len(classes), dim, so)
     names, index = zeroshot.parse_class_names(classes)
     queries = zeroshot.query_embeddings(zeroshot.open_clip_text_encoder(z.text_model, z.text_pretrained, z.text_seed), names)
-    if queries.shape[1] != dim:
+    if dim is not None and queries.shape[1] != dim:
         raise ConfigError(f"the text tower {z.text_model} embeds in {queries.shape[1]} dimensions, the models' features have "
                           f"{dim}: choose the CLIP text tower of the image tower, or evaluate.zeroshot.embeddings")
     return queries, torch.tensor(index)
@@ -336,7 +337,10 @@ def run_zeroshot(cfg: Config, p: Plan, output: str) -> dict | None:
     items = labeled.with_masks(z.split)
     if not items:
         raise PipelineError(f"labeled set {url}: no masks in {z.split} for zero-shot segmentation")
-    dim = describe_teacher(cfg.teacher, so).dim
+    # Checked here for the first model (the teacher, or evaluate.model when it is a timm name);
+    # an export folder's width is known once a task loads it, and every model's is checked there.
+    first = p.models[0]
+    dim = describe_teacher(TeacherConfig.model_validate(first.teacher), so).dim if first.teacher else None
     queries, class_index = class_queries(z, labeled.classes, dim, so)
     params = {k: getattr(z, k) for k in ("short_side", "crop", "stride", "logit_scale", "prob_threshold")}
     examples = [it.id for it in items[:e.pca_images]]

@@ -187,6 +187,14 @@ def test_clip_preset_end_to_end_with_zero_shot_segmentation(tmp_path, ray_local)
     with open(os.path.join(cfg.eval_url, "zeroshot_seg.png"), "rb") as f:
         assert f.read(4) == b"\x89PNG"
 
+    # The exported student on its own, under a config whose teacher has another width: the
+    # class queries are checked against the student's features, not the teacher's.
+    alone = load_config(["configs/clip.yaml"], {**overrides, "teacher.model": "vit_tiny_patch16_224",
+                                                "evaluate.model": cfg.export_url, "evaluate.targets": False})
+    assert describe_teacher(alone.teacher).dim != 512
+    z = evaluate.run(alone)["zeroshot"]
+    assert list(z["models"]) == ["clip-r16"] and 0 <= z["models"]["clip-r16"]["miou"] <= 1
+
 
 @pytest.mark.slow
 def test_planted_clip_teacher_corrupts_zero_shot_and_the_student_recovers(tmp_path, ray_local):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.probes import confusion, iou_per_class, mean_iou
-from pipeline.evaluation.zeroshot import (IMAGENET_TEMPLATES, load_class_embeddings, open_clip_text_encoder,
+from pipeline.evaluation.zeroshot import (IMAGENET_TEMPLATES, cosine_logits, load_class_embeddings, open_clip_text_encoder,
                                           parse_class_names, predict_classes, query_embeddings,
                                           save_class_embeddings, segment, slide_logits, window_boxes)
 
@@ -141,6 +141,14 @@ def test_class_embeddings_file_round_trip_and_refusals(tmp_path):
         load_class_embeddings(path, 3, 512)
     with pytest.raises(PipelineError, match="every class 0..3"):
         load_class_embeddings(path, 4, 16)
+    assert load_class_embeddings(path, 3, None)[0].shape == (4, 16)  # width checked later, on the loaded model
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(PipelineError, match="not a readable"):
         load_class_embeddings(str(tmp_path / "bad.safetensors"), 3, 16)
+
+
+def test_features_of_another_width_than_the_queries_are_refused():
+    queries = F.normalize(torch.randn(3, 16), dim=-1)
+    assert cosine_logits(torch.randn(2, 4, 5, 16), queries).shape == (2, 3, 4, 5)
+    with pytest.raises(PipelineError, match="features have 24 dimensions, the class queries 16"):
+        cosine_logits(torch.randn(2, 4, 5, 24), queries)

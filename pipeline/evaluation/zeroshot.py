@@ -98,8 +98,9 @@ def save_class_embeddings(path: str, embeddings: torch.Tensor, class_index: Sequ
                "class_index": torch.as_tensor(class_index, dtype=torch.int64)}, path)
 
 
-def load_class_embeddings(path: str, num_classes: int, dim: int, storage_options=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read precomputed queries; refuse a file that does not fit the classes or the features."""
+def load_class_embeddings(path: str, num_classes: int, dim: int | None, storage_options=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read precomputed queries; refuse a file that does not fit the classes or the features
+    (of width `dim`; None when it is known only once a model is loaded)."""
     try:
         data = read_bytes(path, storage_options)
     except FileNotFoundError:
@@ -114,7 +115,7 @@ def load_class_embeddings(path: str, num_classes: int, dim: int, storage_options
     if emb.ndim != 2 or idx.shape != (emb.shape[0],):
         raise PipelineError(f"class embeddings {path}: embeddings {tuple(emb.shape)} and class_index "
                             f"{tuple(idx.shape)} must be (Q, D) and (Q,)")
-    if emb.shape[1] != dim:
+    if dim is not None and emb.shape[1] != dim:
         raise PipelineError(f"class embeddings {path}: dimension {emb.shape[1]}, the model's features have {dim}")
     if sorted(set(idx.tolist())) != list(range(num_classes)):
         raise PipelineError(f"class embeddings {path}: class_index must name every class 0..{num_classes - 1} "
@@ -147,6 +148,9 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
 
 def cosine_logits(features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """(B, gh, gw, D) patch features x (Q, D) unit queries -> (B, Q, gh, gw) cosines."""
+    if features.shape[-1] != queries.shape[-1]:
+        raise PipelineError(f"the model's patch features have {features.shape[-1]} dimensions, the class queries "
+                            f"{queries.shape[-1]}: use the text tower or class embeddings of this model's image tower")
     return torch.einsum("bhwd,qd->bqhw", F.normalize(features.float(), dim=-1), queries)
 
 
