@@ -333,7 +333,7 @@ def run_zeroshot(cfg: Config, p: Plan, output: str) -> dict | None:
     if not z.labeled:
         return None
     url = write_labeled_sample(cfg.under_root("sample_labeled"), so) if z.labeled == SAMPLE_LABELED else absolute(z.labeled)
-    labeled = open_labeled(url, so)
+    labeled = open_labeled(url, so, splits=(z.split,))
     items = labeled.with_masks(z.split)
     if not items:
         raise PipelineError(f"labeled set {url}: no masks in {z.split} for zero-shot segmentation")

@@ -156,6 +156,7 @@ def test_clip_preset_end_to_end_with_zero_shot_segmentation(tmp_path, ray_local)
     """configs/clip.yaml on a small model of the same architecture: shard -> teacher-cache ->
     distill -> export -> evaluate with zero-shot segmentation (random text tower)."""
     import os
+    import shutil
 
     from pipeline.config import load_config
     from stages import distill, evaluate, export, shard, teacher_cache
@@ -187,10 +188,15 @@ def test_clip_preset_end_to_end_with_zero_shot_segmentation(tmp_path, ray_local)
     with open(os.path.join(cfg.eval_url, "zeroshot_seg.png"), "rb") as f:
         assert f.read(4) == b"\x89PNG"
 
-    # The exported student on its own, under a config whose teacher has another width: the
-    # class queries are checked against the student's features, not the teacher's.
+    # The exported student on its own, under a config whose teacher has another width (the
+    # class queries are checked against the student's features, not the teacher's), scored on
+    # a benchmark folder with no train split.
+    val_only = tmp_path / "val_only"
+    for part in ("val", "classes.json"):
+        (shutil.copytree if part == "val" else shutil.copy)(tmp_path / "run" / "sample_labeled" / part, val_only / part)
     alone = load_config(["configs/clip.yaml"], {**overrides, "teacher.model": "vit_tiny_patch16_224",
-                                                "evaluate.model": cfg.export_url, "evaluate.targets": False})
+                                                "evaluate.model": cfg.export_url, "evaluate.targets": False,
+                                                "evaluate.zeroshot.labeled": str(val_only)})
     assert describe_teacher(alone.teacher).dim != 512
     z = evaluate.run(alone)["zeroshot"]
     assert list(z["models"]) == ["clip-r16"] and 0 <= z["models"]["clip-r16"]["miou"] <= 1

@@ -113,9 +113,9 @@ def test_generated_labeled_set(tmp_path):
     assert write_labeled_sample(root) == root  # already there: nothing rewritten
 
 
-def _folder(tmp_path, mask_size=(8, 6), classes='["a", "b"]'):
+def _folder(tmp_path, mask_size=(8, 6), classes='["a", "b"]', splits=("train", "val")):
     root = tmp_path / "set"
-    for split in ("train", "val"):
+    for split in splits:
         (root / split / "images").mkdir(parents=True)
         (root / split / "masks").mkdir()
         Image.new("RGB", (8, 6)).save(root / split / "images" / "x.png")
@@ -136,6 +136,10 @@ def test_layout_errors_say_what_is_wrong(tmp_path):
     labeled = open_labeled(_folder(tmp_path / "3", classes='["only"]'))
     with pytest.raises(PipelineError, match="outside the 1 classes"):
         load_item(labeled.splits["train"][0], labeled)
+    val_only = _folder(tmp_path / "4", splits=("val",))  # a zero-shot benchmark: nothing to fit a probe on
+    with pytest.raises(PipelineError, match="no images in train/images"):
+        open_labeled(val_only)
+    assert list(open_labeled(val_only, splits=("val",)).splits) == ["val"]
 
 
 def test_reduce_zero_label(tmp_path):

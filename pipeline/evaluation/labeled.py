@@ -62,10 +62,11 @@ def _stems(url: str, storage_options) -> dict[str, str]:
     return {posixpath.splitext(n)[0]: join_url(url, n) for n in list_names(url, storage_options) if not n.startswith(".")}
 
 
-def open_labeled(root: str, storage_options=None) -> LabeledSet:
-    """Read the layout; refuse, saying what is missing, a folder that does not follow it."""
-    splits = {}
-    for split in SPLITS:
+def open_labeled(root: str, storage_options=None, splits: tuple[str, ...] = SPLITS) -> LabeledSet:
+    """Read the layout of the `splits` a caller uses (zero-shot scoring needs no train split);
+    refuse, saying what is missing, a folder that does not follow it."""
+    names, splits = splits, {}
+    for split in names:
         images = _stems(join_url(root, split, "images"), storage_options)
         if not images:
             raise PipelineError(f"labeled set {root}: no images in {split}/images; {LAYOUT_HINT}")
