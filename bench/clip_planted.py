@@ -32,7 +32,7 @@ def normalised(img: Image.Image, model) -> torch.Tensor:
 
 
 def patch_labels(mask: np.ndarray, grid: int) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((grid, grid), Image.NEAREST))).flatten().long()
+    return torch.from_numpy(np.array(Image.fromarray(mask.astype(np.uint8)).resize((grid, grid), Image.NEAREST))).flatten().long()
 
 
 def class_prototypes(model, labeled: LabeledSet, skip_cells: list[int]) -> torch.Tensor:
