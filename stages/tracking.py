@@ -26,7 +26,8 @@ import yaml
 from PIL import Image
 
 from pipeline.config import Config, dump_config
-from pipeline.storage import exists, join_url, list_names, read_bytes, read_json, write_bytes_atomic, write_json
+from pipeline.storage import (exists, join_url, list_names, local_path, read_bytes, read_json, write_bytes_atomic,
+                              write_json)
 from stages.runtime import say
 
 TENSORBOARD = "tensorboard"
@@ -59,13 +60,15 @@ def config_params(cfg: Config) -> dict[str, str]:
 # --- TensorBoard ---------------------------------------------------------------------------
 
 class TensorBoard:
-    """A SummaryWriter whose event files live at `url` (a folder or any fsspec URL)."""
+    """A SummaryWriter whose event files live at `url` (a folder or any fsspec URL): written
+    there directly when it is local, else in a temporary folder uploaded at each flush."""
 
     def __init__(self, url: str, storage_options=None, resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.url, self.storage_options = url, storage_options
-        self.local = tempfile.mkdtemp(prefix="phreg-tb-")
+        self.remote = local_path(url) is None
+        self.local = tempfile.mkdtemp(prefix="phreg-tb-") if self.remote else local_path(url)
         # Restarted from the checkpoint at resume_step, the steps after it are logged again:
         # purge_step makes TensorBoard drop the earlier files' copies of them.
         self.writer = SummaryWriter(self.local, purge_step=resume_step + 1 if resume_step else None, flush_secs=3600)
@@ -80,14 +83,16 @@ class TensorBoard:
 
     def flush(self) -> None:
         self.writer.flush()
-        for name in os.listdir(self.local):
-            with open(os.path.join(self.local, name), "rb") as f:
-                write_bytes_atomic(join_url(self.url, name), f.read(), self.storage_options)
+        if self.remote:
+            for name in os.listdir(self.local):
+                with open(os.path.join(self.local, name), "rb") as f:
+                    write_bytes_atomic(join_url(self.url, name), f.read(), self.storage_options)
 
     def close(self) -> None:
         self.flush()
         self.writer.close()
-        shutil.rmtree(self.local, ignore_errors=True)
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 # --- MLflow --------------------------------------------------------------------------------

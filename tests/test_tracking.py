@@ -2,12 +2,14 @@
 s3://, as a stock `tensorboard` would), and MLflow runs on a real tracking server on loopback."""
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -108,10 +110,14 @@ def test_config_params_are_flat_and_redacted():
 def test_tensorboard_files_read_back_with_tensorboard(where, tmp_path, s3_endpoint, s3_bucket):
     root, so = (str(tmp_path), {}) if where == "local" else s3_bucket
     url = f"{root}/run/tensorboard"
+    staging = os.path.join(tempfile.gettempdir(), "phreg-tb-*")
+    before = set(glob.glob(staging))
     board = tracking.TensorBoard(url, so)
     board.scalars({"train/loss": 0.5, "train/lr": 1e-4}, 2)
     board.flush()  # what a reader sees mid-run
     assert read_events(url, s3_endpoint)["scalars"]["train/loss"] == [[2, 0.5]]
+    # a local run folder gets its files directly: nothing in a temporary folder that a killed run would leave
+    assert bool(set(glob.glob(staging)) - before) == (where == "s3")
     board.scalars({"train/loss": 0.25}, 4)
     board.image("eval/pca", png(30, 20), 4)
     board.close()
@@ -119,6 +125,7 @@ def test_tensorboard_files_read_back_with_tensorboard(where, tmp_path, s3_endpoi
     assert events["scalars"]["train/loss"] == [[2, 0.5], [4, 0.25]]  # exact in float32
     assert events["scalars"]["train/lr"] == [[2, pytest.approx(1e-4)]]
     assert events["images"]["eval/pca"] == [[4, 30, 20]]
+    assert set(glob.glob(staging)) == before
 
 
 def test_a_restart_replaces_the_steps_after_its_checkpoint(tmp_path):
