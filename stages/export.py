@@ -6,7 +6,7 @@ import tempfile
 from pipeline.config import Config, expand_students
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.export import load_exported_features, max_output_difference, upload, write_folder
-from pipeline.models.reference_weights import phreg_dinov2_student, read_released
+from pipeline.models.reference_weights import export_phreg_dinov2
 from pipeline.models.vit import PatchFeatures
 from pipeline.storage import join_url
 from pipeline.training import checkpoint
@@ -47,9 +47,8 @@ def import_dinov2(cfg: Config) -> str:
     so = cfg.storage.storage_options
     if not cfg.export.checkpoint:
         raise ConfigError("import-dinov2 needs --export.checkpoint: the released student's .pth file (a path or URL)")
-    student = phreg_dinov2_student(read_released(cfg.export.checkpoint, so), cfg.teacher.model, **cfg.teacher.model_kwargs)
     with tempfile.TemporaryDirectory() as folder:
-        write_folder(student, folder, {"source": "PH-Reg released DINOv2 student", "checkpoint": cfg.export.checkpoint})
+        student = export_phreg_dinov2(cfg.export.checkpoint, folder, cfg.teacher.model, so, **cfg.teacher.model_kwargs)
         diff = max_output_difference(PatchFeatures(student, None), load_exported_features(folder))
         if diff != 0.0:
             raise PipelineError(f"the imported model's outputs differ after reloading by {diff}")

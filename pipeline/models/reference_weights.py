@@ -83,9 +83,10 @@ def read_released(url: str, storage_options=None) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
 
 
-def export_phreg_dinov2(checkpoint: str, folder: str, model: str = "vit_base_patch14_dinov2", **kwargs) -> nn.Module:
-    """The released checkpoint file -> a timm hub folder that `evaluate` and
-    `timm.create_model('local-dir:...')` load as any exported student."""
-    student = phreg_dinov2_student(read_released(checkpoint), model=model, **kwargs)
+def export_phreg_dinov2(checkpoint: str, folder: str, model: str = "vit_base_patch14_dinov2", storage_options=None,
+                        **kwargs) -> nn.Module:
+    """The released checkpoint file (path or URL) -> a timm hub folder (local) that `evaluate`
+    and `timm.create_model('local-dir:...')` load as any exported student."""
+    student = phreg_dinov2_student(read_released(checkpoint, storage_options), model=model, **kwargs)
     write_folder(student, folder, {"source": "PH-Reg released DINOv2 student", "checkpoint": checkpoint})
     return student
