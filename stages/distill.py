@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import Config, expand_students
 from pipeline.data.images import Preprocess
 from pipeline.data.manifest import Manifest
-from pipeline.data.readers import in_order
+from pipeline.data.readers import default_readers, in_order
 from pipeline.errors import ConfigError
 from pipeline.evaluation import figures
 from pipeline.models.vit import PatchFeatures, build_any_student, describe_teacher, load_teacher, patch_features, student_base, unlock
@@ -290,7 +290,7 @@ def train_loop(job: dict) -> None:
             print(f"[distill] {cfg.student.name}: resuming at step {step}/{total}", flush=True)
 
     window, whole_epoch = Meter(), Meter()
-    readers = d.readers if d.readers is not None else (2 if device.type == "cuda" else 0)
+    readers = default_readers(d.readers, device.type == "cuda")
     # one stream across epochs: the readers prepare the next epoch's first batches while this
     # epoch's last ones train
     stream = in_order(plan, len(plan), readers, d.prefetch, pin_memory=device.type == "cuda")

@@ -13,6 +13,7 @@ from ray.util import ActorPool
 
 from pipeline.config import Config
 from pipeline.data.manifest import Manifest, Unit
+from pipeline.data.readers import default_readers
 from pipeline.models.vit import describe_teacher
 from pipeline.targets.lease import Lease
 from pipeline.targets.store import TargetStore, store_spec
@@ -28,7 +29,7 @@ class CacheActor:
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not use_gpu:
             torch.set_num_threads(cfg.cache.threads_per_actor or max(1, int(cfg.cache.cpus_per_actor)))
-        readers = cfg.cache.readers if cfg.cache.readers is not None else (2 if use_gpu else 0)
+        readers = default_readers(cfg.cache.readers, use_gpu)
         self.targets = TeacherTargets(
             cfg.teacher, store, manifest, cfg.cache.batch_images, cfg.cache.prefetch,
             device="cuda" if use_gpu else "cpu", storage_options=cfg.storage.storage_options, readers=readers,
