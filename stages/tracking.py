@@ -1,9 +1,9 @@
 """Experiment tracking at the edge: TensorBoard event files in each run folder, MLflow when configured.
 
-TensorBoard: torch's `SummaryWriter` writes into a local folder and every flush copies the
-event files to `<run>/tensorboard/` through fsspec, so any run root works (TensorBoard's own
-s3 client cannot take our storage options or endpoint). A stock `tensorboard --logdir
-<run_root>` reads them, from s3:// too.
+TensorBoard: torch's `SummaryWriter` writes into `<run>/tensorboard/`; for a run root on
+object storage it writes into a temporary folder and every flush copies the event files there
+through fsspec (TensorBoard's own s3 client cannot take our storage options or endpoint). A
+stock `tensorboard --logdir <run_root>` reads them, from s3:// too.
 
 MLflow: one run per student (and one per teacher-cache store), created by the driver, whose
 id is kept in `<run>/mlflow.json` so a resumed run goes on logging into the same MLflow run.
