@@ -220,11 +220,6 @@ class Tracker:
         if self.mlflow:
             self.mlflow.metrics(values, step)
 
-    def images(self, pngs: dict[str, bytes], step: int) -> None:
-        if self.tensorboard:
-            for tag, png in pngs.items():
-                self.tensorboard.image(tag, png, step)
-
     def flush(self) -> None:
         if self.tensorboard:
             self.tensorboard.flush()
