@@ -256,9 +256,7 @@ def ridge_probes(e, p: Plan, labeled: LabeledSet, examples: list[str], so) -> di
 
 def trained_probes(e, p: Plan, labeled: LabeledSet, examples: list[str], so) -> dict[str, ProbeSums]:
     """One Ray task per model and probe kind the labeled set has labels for."""
-    settings = TrainedProbeSettings(e.probe_iterations, e.probe_batch_size, e.probe_lr, e.probe_stride, e.probe_depth_bins,
-                                    e.probe_min_depth, e.probe_max_depth, e.probe_siglog_lambda, e.probe_gradient_weight,
-                                    e.probe_eigen_crop, seed=0)
+    settings = TrainedProbeSettings.from_config(e, seed=0)
     kinds = [kind for kind, has in (("seg", labeled.with_masks), ("depth", labeled.with_depth)) if has("train") and has("val")]
     jobs = [TrainedProbeJob(labeled, kind, p.preprocess, ref, settings, examples, so) for ref in p.models for kind in kinds]
     task = _trained_probe.options(num_gpus=task_gpus())
@@ -268,12 +266,17 @@ def trained_probes(e, p: Plan, labeled: LabeledSet, examples: list[str], so) -> 
 
 def trained_protocol(e, p: Plan) -> str:
     h, w = p.preprocess.size
-    return (f"trained linear heads (BatchNorm + 1x1 conv) on frozen final-layer features, DINOv2 / PH-Reg protocol: "
-            f"{e.probe_iterations} AdamW steps of {e.probe_batch_size} augmented {h}x{w} windows, lr {e.probe_lr:g} poly; "
-            f"segmentation by cross-entropy, depth by {e.probe_depth_bins} bins over {e.probe_min_depth:g}-{e.probe_max_depth:g} m "
-            f"(patch + class tokens, SigLog lambda {e.probe_siglog_lambda:g} + {e.probe_gradient_weight:g} x gradient loss"
-            f"{', Eigen crop' if e.probe_eigen_crop else ''}); sliding windows (stride {e.probe_stride:.2f} of the window) "
-            "at each val image's own resolution")
+    side = {"window": min(h, w), None: None}.get(e.probe_short_side, e.probe_short_side)
+    seg_scale = f"short side {side}" if side else "each val image's own resolution"
+    return (f"trained linear heads on frozen final-layer features, DINOv2 / PH-Reg protocol: "
+            f"{e.probe_iterations} AdamW steps of {e.probe_batch_size} augmented {h}x{w} windows; "
+            f"segmentation: BatchNorm + 1x1 conv, cross-entropy, lr {e.probe_lr:g} poly 0.9, sliding windows "
+            f"(stride {e.probe_stride:.2f} of the window) at {seg_scale}, logits resized back to the image; "
+            f"depth: 1x1 conv, {e.probe_depth_bins} bins over {e.probe_min_depth:g}-{e.probe_max_depth:g} m "
+            f"(patch + class tokens, relu + 0.1 normalised, SigLog lambda {e.probe_siglog_lambda:g} + "
+            f"{e.probe_gradient_weight:g} x gradient loss), lr {e.probe_depth_lr:g} cosine with "
+            f"{e.probe_depth_warmup:.0%} warm-up, weight decay {e.probe_depth_weight_decay:g}, sliding windows at each val "
+            f"image's own resolution{', Eigen crop' if e.probe_eigen_crop else ''}")
 
 
 def _probe_figures(labeled: LabeledSet, p: Plan, results: dict[str, ProbeSums], examples: list[str], output: str,

@@ -91,6 +91,80 @@ def test_export_reloads_with_timm_and_runs_at_other_sizes(tmp_path, teacher_cfg)
             assert torch.equal(again.forward_features(x), student.forward_features(x))
 
 
+def plain_bicubic(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """(1, old cells, D) position embedding on an `old` grid -> the `new` grid as the references
+    resample it: `F.interpolate(mode="bicubic", align_corners=False)`, no antialiasing."""
+    grid = pos.reshape(1, *old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=antialias)
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_run_time_resampling_can_be_plain_bicubic(registers):
+    """dynamic_img_size on windows of another size than the model's input (the zero-shot windows:
+    28x28 -> 21x21 in the recipe, 8x8 -> 5x5 here) resamples the position embedding; by default
+    (`pos_embed_antialias=False`) as the references do, not with timm's antialiased bicubic.
+    Teacher layout (class position in pos_embed) and student layout (registers, no_embed_class)
+    alike."""
+    kwargs = dict(reg_tokens=registers, no_embed_class=True) if registers else {}
+    model = timm.create_model(TINY, num_classes=0, dynamic_img_size=True, **kwargs).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_()  # a rough embedding: antialiasing has something to smooth
+    prefix = model.num_prefix_tokens
+    cls_pos = 0 if registers else 1  # entries of pos_embed before the patch grid
+    with torch.no_grad():
+        patches = model.patch_embed(torch.randn(1, 3, 40, 40))  # (1, 5, 5, D)
+        tokens = model._pos_embed(patches)
+        plain = plain_bicubic(model.pos_embed[:, cls_pos:], (8, 8), (5, 5))
+        smooth = plain_bicubic(model.pos_embed[:, cls_pos:], (8, 8), (5, 5), antialias=True)
+    torch.testing.assert_close(tokens[:, prefix:], patches.reshape(1, 25, -1) + plain)
+    assert (plain - smooth).abs().max() > 0.05  # the check would not tell the two apart otherwise
+    expect_cls = model.cls_token[:, 0] + (model.pos_embed[:, 0] if not registers else 0)
+    torch.testing.assert_close(tokens[:, 0], expect_cls)
+    # upsampling too (8x8 -> 12x12): PyTorch's antialiased bicubic is PIL's kernel (a = -0.5),
+    # the plain one Keys' a = -0.75, so the two differ whichever way the grid changes
+    with torch.no_grad():
+        big = model.patch_embed(torch.randn(1, 3, 96, 96))
+        up = model._pos_embed(big)[:, prefix:] - big.reshape(1, 144, -1)
+        plain = plain_bicubic(model.pos_embed[:, cls_pos:], (8, 8), (12, 12))
+        smooth = plain_bicubic(model.pos_embed[:, cls_pos:], (8, 8), (12, 12), antialias=True)
+    torch.testing.assert_close(up, plain)
+    assert (plain - smooth).abs().max() > 0.05
+
+
+def test_load_time_resampling_can_be_plain_bicubic():
+    """Weights for another grid (8x8 here; timm's openai ViT-B/16 is 14x14, resampled up to 28x28
+    in the recipe) resample at load: by default with plain bicubic, with `pos_embed_antialias=True`
+    as timm does (antialiased)."""
+    state = timm.create_model(TINY, num_classes=0).state_dict()
+    with torch.no_grad():
+        state["pos_embed"].normal_()
+    overlay = {"state_dict": state, "source": ""}
+    plain = timm.create_model(TINY, pretrained=True, img_size=40, pretrained_cfg_overlay=overlay)
+    as_timm = timm.create_model(TINY, pretrained=True, img_size=40, pos_embed_antialias=True, pretrained_cfg_overlay=overlay)
+    for model, antialias in ((plain, False), (as_timm, True)):
+        assert torch.equal(model.pos_embed[:, :1], state["pos_embed"][:, :1])  # the class position is kept
+        expect = plain_bicubic(state["pos_embed"][:, 1:], (8, 8), (5, 5), antialias=antialias)
+        torch.testing.assert_close(model.pos_embed[:, 1:].detach(), expect)
+    assert (plain.pos_embed - as_timm.pos_embed).abs().max() > 0.05
+
+
+def test_the_clip_recipe_uses_plain_bicubic_and_trains_the_class_position(tmp_path):
+    """configs/clip.yaml: plain bicubic resampling in teacher and student (the student is built
+    with the teacher's class and arguments, and its export rebuilds the same); the class token
+    unlocked, which is where this project keeps the class position that the reference trains."""
+    from pipeline.config import load_config
+
+    cfg = load_config(["configs/clip.yaml"])
+    assert "cls_token" in cfg.student.unlock and "pos_embed" in cfg.student.unlock
+    small = TeacherConfig(model=TINY, img_size=64, model_kwargs=cfg.teacher.model_kwargs)
+    teacher = load_teacher(small)
+    student, _ = build_any_student(small, StudentConfig(registers=2), describe_teacher(small), loaded_teacher=teacher)
+    assert teacher.pos_embed_antialias is False and student.pos_embed_antialias is False
+    write_folder(student.eval(), str(tmp_path), {})
+    assert timm.create_model(f"local-dir:{tmp_path}", pretrained=True).pos_embed_antialias is False
+
+
 def authors_state(r=3, d=64, heads=4, depth=3, grid=8, patch=8, out=512, seed=0):
     """A state dict in the layout of the authors' StudentCLIP (OpenAI CLIP under `vit.`)."""
     g = torch.Generator().manual_seed(seed)

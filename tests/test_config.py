@@ -60,3 +60,25 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no manifest" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_mapping_override_merges_into_its_section():
+    """`--evaluate.zeroshot '{text_pretrained: openai}'` (configs/clip.yaml's suggestion)
+    keeps the YAML's other zero-shot keys instead of resetting the section."""
+    flags = ["evaluate", "--config", "configs/clip.yaml", "--evaluate.zeroshot", "{text_pretrained: openai}"]
+    args = vars(build_parser().parse_args(flags))
+    cfg = load_config(args.pop("config"), {k: v for k, v in args.items() if k != "command"})
+    z = cfg.evaluate.zeroshot
+    assert (z.text_pretrained, z.labeled, z.short_side, z.prob_threshold) == ("openai", "sample:labeled", 448, 0.0)
+
+
+def test_nested_sections_have_flags_of_their_own():
+    args = vars(build_parser().parse_args(["evaluate", "--config", "configs/clip.yaml",
+                                           "--evaluate.zeroshot.text_pretrained", "openai",
+                                           "--evaluate.zeroshot.labeled", "null"]))
+    cfg = load_config(args.pop("config"), {k: v for k, v in args.items() if k != "command"})
+    assert cfg.evaluate.zeroshot.text_pretrained == "openai" and cfg.evaluate.zeroshot.labeled is None
+    assert cfg.evaluate.zeroshot.short_side == 448  # the rest of the YAML's section stays
+    out = subprocess.run([sys.executable, "-m", "stages", "evaluate", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--evaluate.zeroshot.text_pretrained" in out

@@ -24,6 +24,9 @@ def test_preset_is_the_published_setting():
     d = cfg.distill
     assert (d.epochs, d.batch_size, d.lr, d.final_lr, d.weight_decay, d.mse_scale) == (100, 8, 1e-4, 5e-6, 1e-2, 1.0)
     assert d.lr_decay == "epoch"
+    # one checkpoint per epoch of Flickr30k (31,783 images) at the preset's workers x batch
+    steps_per_epoch = 31_783 / (d.num_workers * d.batch_size)
+    assert abs(d.checkpoint_every - steps_per_epoch) / steps_per_epoch < 0.05
     assert cfg.cache.crop == "random" and cfg.cache.variants > 1  # the cached stand-in for per-epoch random crops
 
 

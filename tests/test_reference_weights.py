@@ -1,4 +1,6 @@
 """The authors' DINOv2 students (HF Dinov2Model layout + registers) convert to the timm student."""
+import re
+
 import pytest
 import timm
 import torch
@@ -35,6 +37,18 @@ def hf_layout(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def wrapper_layout(model) -> dict[str, torch.Tensor]:
+    """The state dict the authors' training script saves (`torch.save(student.state_dict())` of
+    DINOv2_full's `RegDINOv2Base`): its own `registers` (1, R, D) first, then the HF model as
+    `model.*`, then the same submodules again under the wrapper's names `embed.*`, `encoder.*`,
+    `layernorm.*` (one module, two names: the same tensors twice)."""
+    hf = hf_layout(model)
+    out = {"registers": hf.pop("registers")[None]}
+    out |= {f"model.{k}": v for k, v in hf.items()}
+    out |= {re.sub(r"^embeddings\.", "embed.", k): v for k, v in hf.items()}
+    return out
+
+
 def test_released_layout_converts_to_the_same_outputs():
     torch.manual_seed(0)
     source = timm.create_model("vit_small_patch14_dinov2", reg_tokens=3, no_embed_class=True, **ARGS).eval()
@@ -47,6 +61,30 @@ def test_released_layout_converts_to_the_same_outputs():
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(student.forward_features(x), source.forward_features(x))
+
+
+def test_the_authors_wrapper_layout_converts_to_the_same_outputs(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model("vit_small_patch14_dinov2", reg_tokens=3, no_embed_class=True, **ARGS).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = wrapper_layout(source)
+    assert {k.split(".")[0] for k in state} == {"registers", "model", "embed", "encoder", "layernorm"}
+    assert convert_phreg_dinov2(state).keys() == convert_phreg_dinov2(hf_layout(source)).keys()
+    torch.save(state, tmp_path / "distilled_dinov2_weights_100.pth")  # saved and read back as the released file
+    export_phreg_dinov2(str(tmp_path / "distilled_dinov2_weights_100.pth"), str(tmp_path / "hub"),
+                        model="vit_small_patch14_dinov2", depth=2, embed_dim=64, num_heads=2)
+    assert max_output_difference(load_exported(str(tmp_path / "hub")), source) < 1e-5
+
+
+def test_a_wrapper_layout_whose_two_names_disagree_is_refused():
+    source = timm.create_model("vit_small_patch14_dinov2", reg_tokens=2, no_embed_class=True, **ARGS)
+    for alias in ("embed.cls_token", "encoder.layer.1.mlp.fc1.bias", "layernorm.weight"):
+        state = wrapper_layout(source)
+        state[alias] = state[alias] + 1
+        with pytest.raises(ValueError, match="differ"):
+            convert_phreg_dinov2(state)
 
 
 def test_unknown_or_incomplete_layout_is_refused():

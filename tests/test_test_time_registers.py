@@ -116,27 +116,72 @@ def test_the_baseline_removes_the_artifacts_and_keeps_ordinary_tokens(teacher, i
     assert (tokens[:, model.at].norm(dim=-1) > 20).all()
 
 
-def test_each_neuron_gets_its_own_maximum_in_each_image():
+def signed_max(h: torch.Tensor) -> torch.Tensor:
+    """(N, tokens, k) -> (N, k): per image and neuron, the activation of largest magnitude over
+    the tokens, its sign kept (the reference's `sign_max`: the minimum on a tie)."""
+    top, bottom = h.amax(dim=1), h.amin(dim=1)
+    return torch.where(top.abs() > bottom.abs(), top, bottom)
+
+
+def test_each_neuron_gets_its_own_signed_maximum_over_all_tokens_in_each_image():
     """Hand-checked on a random ViT: the register holds, per image and per neuron, that neuron's
-    largest activation over the patches; the patches hold 0 there; nothing else changes."""
+    signed maximum over all tokens (class token and register included, as the reference's
+    `sign_max(output[0, :, neurons])`); the patches hold 0 there; nothing else changes. Planted:
+    the class token wins at one neuron of image 0, a negative patch value at another of image 1.
+    (Before: the largest value over the patches only.)"""
     model = load_teacher(TeacherConfig(model="vit_tiny_patch16_224", img_size=64, model_kwargs=TINY))
     fc2 = model.blocks[1].mlp.fc2
-    seen = {}
-    fc2.register_forward_pre_hook(lambda m, a: seen.__setitem__("before", a[0].clone()))
     neurons = [3, 17, 40]
+
+    def plant(module, args):
+        h = args[0].clone()
+        h[0, 0, 3] = 50.0  # the class token of image 0
+        h[1, 10, 17] = -60.0  # a patch of image 1, negative
+        return (h, *args[1:])
+
+    seen = {}
+    fc2.register_forward_pre_hook(plant)
+    fc2.register_forward_pre_hook(lambda m, a: seen.__setitem__("before", a[0].clone()))
     wrapped = TestTimeRegisters(model, [(1, j) for j in neurons])
     fc2.register_forward_pre_hook(lambda m, a: seen.__setitem__("after", a[0].clone()))
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         wrapped.forward_features(x)
     before, after, p = seen["before"], seen["after"], wrapped.num_prefix_tokens
-    expected = before[:, p:, neurons].amax(dim=1)  # (images, neurons)
+    expected = signed_max(before[:, :, neurons])  # (images, neurons)
+    assert expected[0, 0] == 50.0 and expected[1, 1] == -60.0  # the planted values win
     assert len(set(expected.flatten().tolist())) == expected.numel()  # a shared scalar could not pass
     assert torch.equal(after[:, wrapped.at, neurons], expected)
     assert (after[:, p:, neurons] == 0).all()
     others = [j for j in range(before.shape[-1]) if j not in neurons]
     assert torch.equal(after[..., others], before[..., others])
     assert torch.equal(after[:, :wrapped.at], before[:, :wrapped.at])  # the class token keeps its own
+
+
+def test_on_clip_the_register_passes_through_ln_pre():
+    """The reference appends the zero token before CLIP's `ln_pre` (timm's `norm_pre`), so the
+    register enters the first block as ln_pre(0) = ln_pre's bias; the other tokens are the
+    unmodified model's. (Before: inserted after norm_pre, it entered as 0.)"""
+    import pipeline.models.clip  # noqa: F401  (registers the CLIP dense models with timm)
+
+    plain = timm.create_model("vit_clip_dense_tiny_patch8", img_size=64).eval()
+    with torch.no_grad():
+        plain.norm_pre.weight.normal_()
+        plain.norm_pre.bias.normal_()
+    model = timm.create_model("vit_clip_dense_tiny_patch8", img_size=64).eval()
+    model.load_state_dict(plain.state_dict())
+    wrapped = TestTimeRegisters(model, [(0, 1)])
+    seen = {}
+    for name, m in (("plain", plain), ("wrapped", model)):
+        m.blocks[0].register_forward_pre_hook(lambda mod, a, name=name: seen.__setitem__(name, a[0].clone()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        plain.forward_features(x)
+        wrapped.forward_features(x)
+    at = wrapped.at
+    assert torch.allclose(seen["wrapped"][:, at], plain.norm_pre.bias.expand(2, -1))
+    assert torch.allclose(seen["wrapped"][:, :at], seen["plain"][:, :at])
+    assert torch.allclose(seen["wrapped"][:, at + 1:], seen["plain"][:, at:])
 
 
 def test_a_batch_gives_what_each_image_gives_alone(teacher):

@@ -1,5 +1,6 @@
 """The trained probe protocols: their math on hand-worked cases, a separable segmentation case
 the trained head must solve, and evaluate with `probe_protocol: trained` through real Ray."""
+import dataclasses
 import math
 import os
 
@@ -8,18 +9,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation.probes import confusion, mean_iou
+from pipeline.config import EvaluateConfig
+from pipeline.errors import ConfigError
+from pipeline.evaluation.probes import DepthSums, confusion, mean_iou
 from pipeline.evaluation.trained_probes import (
+    LinearHead,
     TrainedProbeSettings,
     bin_centres,
+    cosine_lr,
     decode_bins,
     eigen_crop,
+    estimate_depth,
+    eval_size,
     gradient_loss,
+    lr_at,
     poly_lr,
+    schedule_of,
     scored_depth,
     segment,
     siglog_loss,
     slide,
+    train_depth,
     train_segmentation,
     window_starts,
 )
@@ -37,15 +47,55 @@ def test_poly_schedule_by_hand():
     assert poly_lr(1e-3, 100, 100) == 0.0
 
 
+def test_poly_schedule_by_hand_at_the_reference_power():
+    # mmseg's PolyLR in PH-Reg's segmentation configs: power 0.9, eta_min 0
+    assert poly_lr(1e-3, 50, 100, power=0.9) == pytest.approx(1e-3 * 0.5 ** 0.9)  # 5.3589e-4
+    assert poly_lr(1e-3, 75, 100, power=0.9) == pytest.approx(2.8717e-4, rel=1e-4)
+
+
+def test_cosine_schedule_with_warm_up_by_hand():
+    """mmcv's CosineAnnealing (min_lr_ratio 1e-8) with a linear warm-up (ratio 1e-3) that scales
+    the cosine curve, which itself runs from step 0: PH-Reg's / DINOv2's depth schedule."""
+    base, end = 1e-2, 1e-10
+    assert cosine_lr(base, 0, 100, 40) == pytest.approx(1e-5)  # warm-up starts at 1e-3 of the lr
+    # step 20: cosine 0.5 (1 + cos 0.2 pi) = 0.904508, warm-up factor 1 - 0.5 * 0.999 = 0.5005
+    assert cosine_lr(base, 20, 100, 40) == pytest.approx(0.904508 * 0.5005 * base, rel=1e-5)
+    assert cosine_lr(base, 40, 100, 40) == pytest.approx(0.654508 * base, rel=1e-5)  # warm-up over
+    assert cosine_lr(base, 50, 100, 40) == pytest.approx(0.5 * base, rel=1e-6)
+    assert cosine_lr(base, 100, 100, 40) == pytest.approx(end)
+    assert cosine_lr(base, 0, 100, 0) == pytest.approx(base)  # no warm-up
+
+
+def test_each_kind_has_the_reference_schedule():
+    s = dataclasses.replace(SETTINGS, iterations=30)  # defaults: depth lr 5e-3, wd 1e-2, warm-up 12800/30000 of the run
+    seg, depth = schedule_of("seg", s), schedule_of("depth", s)
+    assert (seg.lr, seg.weight_decay, seg.kind) == (3e-2, 1e-4, "poly")
+    assert (depth.lr, depth.weight_decay, depth.kind) == (5e-3, 1e-2, "cosine")
+    assert lr_at(15, 30, seg) == pytest.approx(3e-2 * 0.5 ** 0.9)
+    assert lr_at(15, 30, depth) == pytest.approx(cosine_lr(5e-3, 15, 30, 13))  # 12800 / 30000 of 30 steps: 13
+    assert lr_at(13, 30, depth) == pytest.approx(5e-3 * 0.5 * (1 + math.cos(math.pi * 13 / 30)), rel=1e-6)
+
+
+def test_bins_decode_by_relu_plus_a_tenth_normalised_over_the_bins():
+    """DINOv2's 'linear' bin normalisation (no softmax): weights relu(logit) + 0.1, divided by their sum."""
+    centres = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    logits = torch.tensor([-5.0, 0.9, 0.0, 2.9])[None, :, None, None]
+    # weights (0.1, 1.0, 0.1, 3.0) / 4.2 -> (0.1 + 2 + 0.3 + 12) / 4.2
+    assert decode_bins(logits, centres).item() == pytest.approx(14.4 / 4.2)
+    assert decode_bins(torch.full((1, 4, 1, 1), -3.0), centres).item() == pytest.approx(2.5)  # all negative: uniform
+
+
 def test_one_hot_bin_logits_decode_to_their_centre_in_metres():
     centres = bin_centres(0.001, 10.0, 256)
     assert centres[0] == pytest.approx(0.001) and centres[-1] == pytest.approx(10.0)
     k = torch.tensor([[0, 37], [128, 255]])  # a bin per pixel of a 2x2 map
-    logits = 100.0 * F.one_hot(k, 256).permute(2, 0, 1)[None].float()  # (1, 256, 2, 2)
+    # (changed with the relu + 0.1 normalisation: a one-hot logit of 100 no longer decodes to its centre exactly,
+    # the other 255 bins keep 0.1 each; 1e6 leaves them a weight of 2.55e-5 in all)
+    logits = 1e6 * F.one_hot(k, 256).permute(2, 0, 1)[None].float()  # (1, 256, 2, 2)
     depth = decode_bins(logits, centres)[0]
     step = (10.0 - 0.001) / 255
     expected = [[0.001, 0.001 + 37 * step], [0.001 + 128 * step, 10.0]]  # 37 -> 1.4518 m, 128 -> 5.0201 m
-    assert depth.tolist() == [[pytest.approx(v, abs=1e-5) for v in row] for row in expected]
+    assert depth.tolist() == [[pytest.approx(v, abs=1e-3) for v in row] for row in expected]
     uniform = decode_bins(torch.zeros(1, 256, 1, 1), centres)
     assert uniform.item() == pytest.approx((0.001 + 10.0) / 2, abs=1e-5)  # equal weights: the mean centre
 
@@ -136,6 +186,113 @@ def test_trained_head_solves_a_separable_case():
         assert pred.shape == labels.shape
         conf = conf + confusion(pred, labels, 4, 255)
     assert mean_iou(conf) > 0.95
+
+
+DEPTHS = torch.tensor([1.0, 3.0, 5.0, 8.0])  # metres of each class of `separable_image`
+
+
+def separable_depth(rng: np.random.Generator, size=(64, 80)):
+    """`separable_image`'s pixels with a depth per class (0, no ground truth, on the ignored row)."""
+    pixels, labels = separable_image(rng, size)
+    return pixels, torch.where(labels == 255, 0.0, DEPTHS[labels.clamp(max=3)])
+
+
+def test_each_head_trains_under_its_kinds_optimiser(monkeypatch):
+    """The lr and weight decay AdamW steps with: segmentation poly 0.9 at probe_lr and 1e-4,
+    depth cosine with warm-up at 5e-3 and 1e-2 (PH-Reg's ADE20K and NYUv2 configs)."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append((self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    rng = np.random.default_rng(0)
+    mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)
+    s = dataclasses.replace(SETTINGS, iterations=10, batch_size=2)
+    train_segmentation(pooled_colour, 3, [separable_image(rng)], 4, 255, (32, 32), mean, std, s)
+    assert [lr for lr, _ in seen] == pytest.approx([3e-2 * (1 - i / 10) ** 0.9 for i in range(10)])
+    assert {wd for _, wd in seen} == {1e-4}
+    seen.clear()
+    train_depth(pooled_colour, 3, [separable_depth(rng)], (32, 32), mean, std, s)
+    warm = round(12800 / 30000 * 10)
+    assert [lr for lr, _ in seen] == pytest.approx([cosine_lr(5e-3, i, 10, warm) for i in range(10)])
+    assert seen[0][0] == pytest.approx(5e-6) and max(lr for lr, _ in seen) == pytest.approx(seen[warm][0])
+    assert {wd for _, wd in seen} == {1e-2}
+
+
+def test_depth_head_is_a_plain_conv_and_learns_a_separable_case():
+    """No BatchNorm in the depth head (DINOv2's BNHead keeps its BN commented out); trained on
+    depth that is a function of the colour, it beats the best constant by far."""
+    rng = np.random.default_rng(0)
+    train = [separable_depth(rng) for _ in range(12)]
+    mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)
+    s = dataclasses.replace(SETTINGS, iterations=60, batch_size=4, depth_lr=0.1)  # a lr for a short CPU run
+    head = train_depth(pooled_colour, 3, train, (32, 32), mean, std, s)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in head.modules())
+    assert [type(m) for m in head.children()] == [torch.nn.Identity, torch.nn.Conv2d]
+    probe, constant = DepthSums(), DepthSums()
+    for pixels, depth in (separable_depth(rng, (72, 100)) for _ in range(4)):
+        pred = estimate_depth(head, pooled_colour, (pixels - mean) / std, (32, 32), (16, 16), s)
+        assert pred.shape == depth.shape
+        probe.add(pred, depth)
+        constant.add(torch.full_like(depth, 1.6), depth)  # about the median depth: mostly background at 1 m
+    assert probe.scores()["rmse"] < 0.5 * constant.scores()["rmse"]
+
+
+def test_eval_size_by_hand():
+    """mmseg's Resize(scale=(4 s, s), keep_ratio=True): short side s unless the long side would pass 4 s."""
+    assert eval_size(480, 640, 518) == (518, 691)  # 640 * 518 / 480 = 690.67
+    assert eval_size(640, 480, 518) == (691, 518)
+    assert eval_size(100, 1000, 50) == (20, 200)  # capped by the long side: 200 / 1000
+    assert eval_size(518, 700, 518) == (518, 700)
+    assert eval_size(20, 30, 40) == (40, 60)  # small images are enlarged
+
+
+def nearest_colour_head() -> LinearHead:
+    """A segmentation head that picks the class of the nearest colour: logits 2 x.c - |c|^2."""
+    head = LinearHead(3, 4).eval()  # BatchNorm at its initial statistics: the identity up to eps
+    with torch.no_grad():
+        head.conv.weight.copy_(2 * COLOURS[:, :, None, None])
+        head.conv.bias.copy_(-(COLOURS ** 2).sum(1))
+    return head
+
+
+def test_segment_resizes_to_the_short_side_and_back():
+    """Evaluation at short side `short_side` ('window': the window's; None: the image's own), the
+    logits resized back to the image's pixels, as mmseg's test pipeline and slide inference."""
+    sizes = []
+
+    def features(x):
+        sizes.append(tuple(x.shape))
+        return pooled_colour(x)
+
+    labels = torch.ones(64, 96, dtype=torch.long)
+    labels[:, 48:] = 2
+    image = COLOURS[labels].permute(2, 0, 1).contiguous()
+    head = nearest_colour_head()
+    for short_side, resized in (("window", (32, 48)), (None, (64, 96)), (128, (128, 192))):
+        sizes.clear()
+        pred = segment(head, features, image, (32, 32), (16, 16), short_side=short_side)
+        assert pred.shape == labels.shape and (pred == labels).float().mean() > 0.9
+        assert (pred[:, :40] == 1).all() and (pred[:, 56:] == 2).all()  # the halves come back where they were
+        windows = len(window_starts(resized[0], 32, 16)) * len(window_starts(resized[1], 32, 16))
+        assert sum(n for n, *_ in sizes) == windows and {s[1:] for s in sizes} == {(3, 32, 32)}
+    assert windows == 7 * 11 and len(window_starts(48, 32, 16)) == 2  # "window": 32x48, two windows
+
+
+def test_probe_config_defaults_and_settings():
+    e = EvaluateConfig()
+    assert (e.probe_lr, e.probe_depth_lr, e.probe_depth_weight_decay) == (1e-3, 5e-3, 1e-2)
+    assert e.probe_depth_warmup == pytest.approx(12800 / 30000) and e.probe_short_side == "window"
+    s = TrainedProbeSettings.from_config(EvaluateConfig(probe_short_side=518, probe_depth_lr=1e-2, probe_depth_warmup=0.0))
+    assert (s.short_side, s.depth_lr, s.depth_warmup, s.lr, s.bins, s.seed) == (518, 1e-2, 0.0, 1e-3, 256, 0)
+    assert TrainedProbeSettings.from_config(EvaluateConfig(probe_short_side=None)).short_side is None
+    for bad in ({"probe_short_side": 0}, {"probe_short_side": "image"}, {"probe_depth_warmup": 1.0},
+                {"probe_depth_lr": 0}, {"probe_depth_weight_decay": -1}):
+        with pytest.raises((ValueError, ConfigError)):
+            EvaluateConfig(**bad)
 
 
 @pytest.mark.slow

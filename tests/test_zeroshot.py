@@ -152,3 +152,35 @@ def test_features_of_another_width_than_the_queries_are_refused():
     assert cosine_logits(torch.randn(2, 4, 5, 16), queries).shape == (2, 3, 4, 5)
     with pytest.raises(PipelineError, match="features have 24 dimensions, the class queries 16"):
         cosine_logits(torch.randn(2, 4, 5, 24), queries)
+
+
+def test_openai_text_tower_is_built_with_quick_gelu():
+    """OpenAI's CLIP weights were trained with QuickGELU; open_clip's `ViT-B-16` config has GELU
+    and only warns. The activation follows the tag (weights cannot be downloaded here, so the
+    tower is built from the same config without them)."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    from pipeline.evaluation.zeroshot import text_tower_quick_gelu
+
+    assert text_tower_quick_gelu("ViT-B-16", "openai") is True
+    assert text_tower_quick_gelu("ViT-B-16-quickgelu", "openai") is True
+    assert text_tower_quick_gelu("ViT-B-16", "laion2b_s34b_b88k") is False
+    assert text_tower_quick_gelu("ViT-B-16", None) is False
+    tower = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=text_tower_quick_gelu("ViT-B-16", "openai"))
+    assert isinstance(tower.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
+def test_text_tower_with_unknown_or_contradicting_weights_is_refused():
+    from pipeline.evaluation.zeroshot import text_tower_quick_gelu
+
+    with pytest.raises(PipelineError, match="no weights 'nope'.*openai"):
+        text_tower_quick_gelu("ViT-B-16", "nope")
+    import open_clip
+    # a registered (model, tag) pair whose activations disagree is what open_clip only warns about
+    open_clip.pretrained._PRETRAINED.setdefault("ViT-B-16-quickgelu", {})["gelutesttag"] = {"quick_gelu": False}
+    try:
+        with pytest.raises(PipelineError, match="trained with GELU; use 'ViT-B-16'"):
+            text_tower_quick_gelu("ViT-B-16-quickgelu", "gelutesttag")
+    finally:
+        del open_clip.pretrained._PRETRAINED["ViT-B-16-quickgelu"]["gelutesttag"]

@@ -218,7 +218,9 @@ def labeled_pixels(items: list[LabeledItem], labeled: LabeledSet, kind: str, sto
 
 def trained_probe(job: TrainedProbeJob) -> ProbeSums:
     """Train one model's probe head of one kind on the train split and score it on the val
-    split, at each val image's own resolution (scores and pictured predictions as `probe`)."""
+    split against the ground truth at each val image's own resolution (segmentation predicts at
+    short side `settings.short_side` and resizes its logits back; scores and pictured predictions
+    as `probe`)."""
     so, labeled, s, window, seg = job.storage_options, job.labeled, job.settings, job.preprocess.size, job.kind == "seg"
     pick = labeled.with_masks if seg else labeled.with_depth
     model = job.model.load(so).model.eval()
@@ -235,7 +237,7 @@ def trained_probe(job: TrainedProbeJob) -> ProbeSums:
     for item, x, y in labeled_pixels(pick("val"), labeled, job.kind, so):
         image = (x - mean) / std
         if seg:
-            pred = segment(head, features, image, window, stride)
+            pred = segment(head, features, image, window, stride, s.short_side)
             conf = confusion(pred, y, len(labeled.classes), labeled.ignore_index)
             sums.seg_conf = conf if sums.seg_conf is None else sums.seg_conf + conf
         else:

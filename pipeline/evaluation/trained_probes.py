@@ -1,24 +1,30 @@
 """Trained linear probes: the protocols the paper's tables use (DINOv2's linear heads, as
 PH-Reg evaluates them), beside the closed-form ridge probes of `probes`.
 
-- segmentation: BatchNorm + 1x1 convolution on frozen final-layer patch features, trained
-  with cross-entropy (ignored pixels left out) by AdamW under a poly schedule, on augmented
-  crops of the train images (random resize 0.5-2x, crop to the model's input, horizontal
-  flip, photometric distortion); inference slides windows of the model's input over each val
-  image at its original resolution and averages the logits, upsampled bilinearly, where
-  windows overlap;
-- depth (DINOv2's linear head): patch features concatenated with the class token, BatchNorm +
-  1x1 convolution to `bins` logits, depth = softmax-weighted sum of linear bin centres between
-  min and max depth; SigLog + gradient loss on augmented crops (no resize: it would change
-  metric depth); the same sliding windows; optionally scored inside the Eigen crop.
+- segmentation (mmseg's BNHead, PH-Reg's ADE20K config): BatchNorm + 1x1 convolution on
+  frozen final-layer patch features, trained with cross-entropy (ignored pixels left out) by
+  AdamW (weight decay 1e-4) under a poly schedule of power 0.9, on augmented crops of the train
+  images (random resize 0.5-2x, crop to the model's input, horizontal flip, photometric
+  distortion); inference resizes each val image to a short side (mmseg's `Resize(scale=(2048,
+  518), keep_ratio=True)`: the window's short side by default), slides windows of the model's
+  input over it, averages the logits, upsampled bilinearly, where windows overlap, and resizes
+  them back to the image's own pixels before the argmax;
+- depth (DINOv2's linear head, PH-Reg's NYUv2 config): patch features concatenated with the
+  class token, a 1x1 convolution (no BatchNorm) to `bins` logits, weights relu(logit) + 0.1
+  normalised over the bins, depth = their weighted sum of linear bin centres between min and
+  max depth; SigLog + gradient loss on augmented crops (no resize: it would change metric
+  depth) by AdamW (lr 5e-3, weight decay 1e-2) under a cosine schedule with a linear warm-up;
+  sliding windows at the image's own resolution; optionally scored inside the Eigen crop.
 
 The math is in small functions; `train_head`, `segment` and `estimate_depth` run it on any
 feature function (B, 3, h, w) -> ((B, D, gh, gw) patch features, (B, D) class token).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,7 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 Features = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-WEIGHT_DECAY = 1e-4  # the mmseg / DINOv2 linear-probe configs
+SEG_WEIGHT_DECAY = 1e-4  # mmseg's linear-probe configs (PH-Reg's ADE20K config)
+POLY_POWER = 0.9  # mmseg's PolyLR in PH-Reg's segmentation configs, to 0
+WARMUP_RATIO = 1e-3  # mmcv's linear warm-up starts at this fraction of the lr (PH-Reg's / DINOv2's depth config)
+MIN_LR_RATIO = 1e-8  # ... and its cosine annealing ends at this fraction
+BIN_EPS = 0.1  # DINOv2's 'linear' bin normalisation: relu(logit) + 0.1, divided by the sum over the bins
+LONG_SIDE_CAP = 4  # mmseg's Resize(scale=(2048, 512), keep_ratio=True): the long side stays within 4x the short side
 WINDOWS_PER_FORWARD = 8
 DEPTH_UPSAMPLE = 4  # DINOv2's linear depth head decodes its bins on a 4x finer grid than the patches
 GRADIENT_SCALES = 4  # the gradient loss compares log-depth gradients at 1, 1/2, 1/4 and 1/8 resolution
@@ -46,6 +57,28 @@ class TrainedProbeSettings:
     gradient_weight: float
     eigen_crop: bool
     seed: int
+    # after `seed`, with the reference values as defaults, so that older positional callers keep working
+    depth_lr: float = 5e-3
+    depth_weight_decay: float = 1e-2
+    depth_warmup: float = 12800 / 30000  # fraction of the steps; PH-Reg: 12,800 of 30,000 iterations
+    short_side: int | Literal["window"] | None = "window"  # segmentation evaluation; None: each image's own
+
+    @classmethod
+    def from_config(cls, e, seed: int = 0) -> "TrainedProbeSettings":
+        """The settings of an `EvaluateConfig` (its probe_* fields)."""
+        return cls(e.probe_iterations, e.probe_batch_size, e.probe_lr, e.probe_stride, e.probe_depth_bins, e.probe_min_depth,
+                   e.probe_max_depth, e.probe_siglog_lambda, e.probe_gradient_weight, e.probe_eigen_crop, seed,
+                   e.probe_depth_lr, e.probe_depth_weight_decay, e.probe_depth_warmup, e.probe_short_side)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """AdamW's learning rate, weight decay and lr schedule for one probe kind."""
+
+    lr: float
+    weight_decay: float
+    kind: Literal["poly", "cosine"]
+    warmup: float = 0.0  # cosine only: the warm-up's fraction of the steps
 
 
 # --- schedule, depth decoding, losses ------------------------------------------------------
@@ -55,14 +88,43 @@ def poly_lr(base: float, step: int, total: int, power: float = 1.0) -> float:
     return base * (1.0 - min(step, total) / total) ** power
 
 
+def cosine_lr(base: float, step: int, total: int, warmup_steps: int, warmup_ratio: float = WARMUP_RATIO,
+              min_ratio: float = MIN_LR_RATIO) -> float:
+    """mmcv's CosineAnnealing with a linear warm-up: the cosine falls from `base` at step 0 to
+    `min_ratio * base` at `total`; over the first `warmup_steps` it is scaled by a factor that
+    rises linearly from `warmup_ratio` to 1 (the cosine does not wait for the warm-up)."""
+    end = base * min_ratio
+    lr = end + 0.5 * (base - end) * (1 + math.cos(math.pi * min(step, total) / total))
+    if step < warmup_steps:
+        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return lr
+
+
+def lr_at(step: int, total: int, schedule: Schedule) -> float:
+    """The learning rate of step `step` of `total` under `schedule`."""
+    if schedule.kind == "poly":
+        return poly_lr(schedule.lr, step, total, POLY_POWER)
+    return cosine_lr(schedule.lr, step, total, round(schedule.warmup * total))
+
+
+def schedule_of(kind: str, s: TrainedProbeSettings) -> Schedule:
+    """The reference optimiser of each probe kind: segmentation poly (mmseg), depth cosine with warm-up (DINOv2)."""
+    if kind == "seg":
+        return Schedule(s.lr, SEG_WEIGHT_DECAY, "poly")
+    return Schedule(s.depth_lr, s.depth_weight_decay, "cosine", s.depth_warmup)
+
+
 def bin_centres(min_depth: float, max_depth: float, bins: int) -> torch.Tensor:
     """Linear bins, the first centred on min_depth and the last on max_depth (DINOv2's 'linear')."""
     return torch.linspace(min_depth, max_depth, bins)
 
 
 def decode_bins(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) bin logits -> (B, H, W) depth: the softmax-weighted sum of the centres."""
-    return torch.einsum("bkhw,k->bhw", logits.softmax(1), centres.to(logits))
+    """(B, K, H, W) bin logits -> (B, H, W) depth, DINOv2's 'linear' normalisation (after
+    AdaBins): weights relu(logit) + 0.1 divided by their sum over the bins, depth = the
+    weighted sum of the centres."""
+    weights = logits.relu() + BIN_EPS
+    return torch.einsum("bkhw,k->bhw", weights / weights.sum(1, keepdim=True), centres.to(logits))
 
 
 def in_range(depth: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:
@@ -137,6 +199,14 @@ def stride_of(window: tuple[int, int], fraction: float) -> tuple[int, int]:
     return tuple(max(1, round(side * fraction)) for side in window)
 
 
+def eval_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """The size mmseg's Resize(scale=(LONG_SIDE_CAP * short_side, short_side), keep_ratio=True)
+    gives an image: the short side becomes `short_side` (up or down) unless the long side would
+    then exceed LONG_SIDE_CAP times that; sides rounded half up, as mmcv's rescale_size."""
+    scale = min(short_side / min(height, width), LONG_SIDE_CAP * short_side / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 # --- augmentation ----------------------------------------------------------------------------
 
 def photometric(pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -190,11 +260,12 @@ def augment(pixels: torch.Tensor, target: torch.Tensor, window: tuple[int, int],
 # --- heads, training, inference --------------------------------------------------------------
 
 class LinearHead(nn.Module):
-    """BatchNorm + 1x1 convolution: the linear head of the DINOv2 / mmseg probe protocols."""
+    """A 1x1 convolution, after a BatchNorm by default: mmseg's BNHead (segmentation); DINOv2's
+    depth head is the convolution alone (its BatchNorm is commented out)."""
 
-    def __init__(self, dim: int, outputs: int):
+    def __init__(self, dim: int, outputs: int, batchnorm: bool = True):
         super().__init__()
-        self.bn = nn.BatchNorm2d(dim)
+        self.bn = nn.BatchNorm2d(dim) if batchnorm else nn.Identity()
         self.conv = nn.Conv2d(dim, outputs, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -223,15 +294,16 @@ def depth_pixels(head: LinearHead, features: Features, x: torch.Tensor, centres:
 
 
 def train_head(head: LinearHead, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]], s: TrainedProbeSettings) -> LinearHead:
-    """AdamW with the poly schedule for `s.iterations` steps; `batch` draws (windows, targets)
-    on the head's device, `loss` scores the windows against the targets."""
+               batch: Callable[[np.random.Generator], tuple[torch.Tensor, torch.Tensor]], s: TrainedProbeSettings,
+               schedule: Schedule) -> LinearHead:
+    """AdamW under `schedule` for `s.iterations` steps; `batch` draws (windows, targets) on the
+    head's device, `loss` scores the windows against the targets."""
     rng = np.random.default_rng(s.seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     head.train()
     for step in range(s.iterations):
         for group in optimizer.param_groups:
-            group["lr"] = poly_lr(s.lr, step, s.iterations)
+            group["lr"] = lr_at(step, s.iterations, schedule)
         x, y = batch(rng)
         value = loss(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -260,29 +332,41 @@ def train_segmentation(features: Features, dim: int, samples: list[tuple[torch.T
     def loss(x, y):
         return F.cross_entropy(seg_logits(head, features, x), y, ignore_index=ignore_index)
 
-    return train_head(head, loss, draw_batch(samples, window, mean, std, s.batch_size, True, ignore_index, device), s)
+    return train_head(head, loss, draw_batch(samples, window, mean, std, s.batch_size, True, ignore_index, device), s,
+                      schedule_of("seg", s))
 
 
 def train_depth(features: Features, dim: int, samples: list[tuple[torch.Tensor, torch.Tensor]], window: tuple[int, int],
                 mean: torch.Tensor, std: torch.Tensor, s: TrainedProbeSettings, device="cpu") -> LinearHead:
     """The depth head trained on (3, H, W) pixels in [0, 1] with (H, W) depth in metres."""
     torch.manual_seed(s.seed)  # the head's initial weights
-    head = LinearHead(2 * dim, s.bins).to(device)
+    head = LinearHead(2 * dim, s.bins, batchnorm=False).to(device)
     centres = bin_centres(s.min_depth, s.max_depth, s.bins).to(device)
 
     def loss(x, y):
         pred, valid = depth_pixels(head, features, x, centres), in_range(y, s.min_depth, s.max_depth)
         return siglog_loss(pred, y, valid, s.siglog_lambda) + s.gradient_weight * gradient_loss(pred, y, valid)
 
-    return train_head(head, loss, draw_batch(samples, window, mean, std, s.batch_size, False, 0.0, device), s)
+    return train_head(head, loss, draw_batch(samples, window, mean, std, s.batch_size, False, 0.0, device), s,
+                      schedule_of("depth", s))
 
 
 @torch.no_grad()
 def segment(head: LinearHead, features: Features, image: torch.Tensor, window: tuple[int, int],
-            stride: tuple[int, int]) -> torch.Tensor:
-    """(H, W) labels of a normalised (3, H, W) image at its own resolution."""
+            stride: tuple[int, int], short_side: int | Literal["window"] | None = None) -> torch.Tensor:
+    """(H, W) labels of a normalised (3, H, W) image, as mmseg's test pipeline and slide
+    inference: the image resized (bilinear) to `short_side` ('window': the window's short side;
+    None: kept at its own resolution), windows slid over it, the averaged logits resized back
+    to (H, W) bilinearly, argmax."""
     device = next(head.parameters()).device
-    return slide(lambda x: seg_logits(head, features, x.to(device)), image, window, stride).argmax(0)
+    H, W = image.shape[-2:]
+    side = min(window) if short_side == "window" else short_side
+    if side is not None and eval_size(H, W, side) != (H, W):
+        image = F.interpolate(image[None], eval_size(H, W, side), mode="bilinear", align_corners=False, antialias=True)[0]
+    logits = slide(lambda x: seg_logits(head, features, x.to(device)), image, window, stride)
+    if logits.shape[-2:] != (H, W):
+        logits = F.interpolate(logits[None], (H, W), mode="bilinear", align_corners=False)[0]
+    return logits.argmax(0)
 
 
 @torch.no_grad()

@@ -77,13 +77,37 @@ def query_embeddings(encode_text: Callable[[list[str]], torch.Tensor], names: Se
     return torch.stack(out)
 
 
-def open_clip_text_encoder(model: str, pretrained: str | None, seed: int) -> Callable[[list[str]], torch.Tensor]:
-    """The text tower of an open_clip model; `pretrained=None` builds it from a seeded random
-    initialisation (offline machines, tests)."""
+def text_tower_quick_gelu(model: str, pretrained: str | None) -> bool:
+    """Whether the text tower must be built with QuickGELU, the activation its weights were
+    trained with. open_clip builds `ViT-B-16` with nn.GELU even for OpenAI's weights (trained
+    with QuickGELU) and only warns, which shifts every class embedding; here the tag decides,
+    and a model config whose activation contradicts its tag is refused."""
     import open_clip
 
+    if pretrained is None:  # a seeded random tower: the model config's own activation
+        return False
+    model_quick = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
+    tag = open_clip.get_pretrained_cfg(model, pretrained)
+    if not tag:
+        if "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            return model_quick  # a weights file: the model name says how it was trained
+        raise PipelineError(f"zero-shot: open_clip has no weights {pretrained!r} for text_model {model!r}; "
+                            f"its tags: {open_clip.list_pretrained_tags_by_model(model)}")
+    tag_quick = bool(tag.get("quick_gelu", False))
+    if model_quick and not tag_quick:
+        raise PipelineError(f"zero-shot: text_model {model!r} uses QuickGELU but the weights {pretrained!r} were trained "
+                            f"with GELU; use {model.removesuffix('-quickgelu')!r}")
+    return tag_quick
+
+
+def open_clip_text_encoder(model: str, pretrained: str | None, seed: int) -> Callable[[list[str]], torch.Tensor]:
+    """The text tower of an open_clip model, with the activation its weights need;
+    `pretrained=None` builds it from a seeded random initialisation (offline machines, tests)."""
+    import open_clip
+
+    quick_gelu = text_tower_quick_gelu(model, pretrained)
     torch.manual_seed(seed)
-    clip = open_clip.create_model(model, pretrained=pretrained).eval()
+    clip = open_clip.create_model(model, pretrained=pretrained, force_quick_gelu=quick_gelu).eval()
     tokenizer = open_clip.get_tokenizer(model)
 
     @torch.no_grad()

@@ -19,6 +19,19 @@ The class is a timm `VisionTransformer` subclass registered with timm; its argum
 recorded by timm's factory, so an exported student rebuilds with
 `timm.create_model('local-dir:...')`. A model built with registers uses the value block:
 that is the recipe (`STUDENT_KWARGS`).
+
+Position embeddings are resampled to another grid at two places: when weights for another grid
+load (timm's openai ViT-B/16 is 14x14, the recipe's 448 px are 28x28) and at run time under
+`dynamic_img_size` (the zero-shot windows, 336 px: 21x21). timm resamples with antialiased
+bicubic; NACLIP, whose teacher and windows the recipe follows, calls
+`F.interpolate(mode="bicubic", align_corners=False)` without antialiasing (the authors' CLIP code
+is not in their public repository, which holds DINOv2_full only).
+This class resamples as they do in both places (`pos_embed_antialias=False`, the default: the
+class is the recipe's); `pos_embed_antialias=True` gives timm's. The two differ whichever way
+the grid changes: PyTorch's antialiased bicubic uses PIL's cubic kernel (a = -0.5) and widens it
+when shrinking, the plain one Keys' kernel (a = -0.75) at any scale. (NACLIP's resampling also
+maps sample positions by `scale_factor=(n + 0.1) / N`, DINO's offset, and resamples the
+teacher's 14x14 straight to each window's grid; neither is reproduced: see the README.)
 """
 from __future__ import annotations
 
@@ -28,8 +41,7 @@ from functools import partial
 
 import timm
 import torch
-import torch.nn.functional as F
-from timm.layers import LayerNorm
+from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, _cfg, checkpoint_filter_fn
 from torch import nn
@@ -84,8 +96,9 @@ class ClipDenseVisionTransformer(VisionTransformer):
     STUDENT_KWARGS = {"dense_block": "value"}
 
     def __init__(self, *args, reg_tokens: int = 0, dense_block: str = "naclip", gaussian_std: float = GAUSSIAN_STD,
-                 proj_dim: int = 512, **kwargs):
+                 proj_dim: int = 512, pos_embed_antialias: bool = False, **kwargs):
         super().__init__(*args, reg_tokens=reg_tokens, **kwargs)
+        self.pos_embed_antialias = pos_embed_antialias  # read by `_pos_embed` and by `clip_filter_fn` at load
         if dense_block not in DENSE_BLOCKS:
             raise ValueError(f"dense_block must be one of {DENSE_BLOCKS}, got {dense_block!r}")
         self.dense_block = dense_block
@@ -101,6 +114,23 @@ class ClipDenseVisionTransformer(VisionTransformer):
             # which the planted-artifact construction's numbers were measured; pretrained weights replace it.
             self.blocks[-1] = new
 
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's `_pos_embed`, resampling for another input size with `pos_embed_antialias`
+        (timm's always antialiases)."""
+        if not self.dynamic_img_size or self.pos_embed is None or self.pos_embed_antialias:
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape
+        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size,
+                                           num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+                                           antialias=False)
+        x = x.reshape(b, h * w, c)
+        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.no_embed_class:  # the prefix tokens have no position term
+            x = torch.cat(prefix + [x + pos_embed], dim=1)
+        else:  # pos_embed starts with the prefix tokens' positions
+            x = torch.cat(prefix + [x], dim=1) + pos_embed
+        return self.pos_drop(x)
+
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if self.dense_block != "none":
             ph, pw = self.patch_embed.patch_size
@@ -114,12 +144,13 @@ class ClipDenseVisionTransformer(VisionTransformer):
 
 def clip_filter_fn(state: dict, model: ClipDenseVisionTransformer) -> dict:
     """timm's CLIP checkpoints (image projection as `head.weight`, OpenAI layouts converted by
-    timm) -> this class: the projection becomes `proj.weight`."""
+    timm) -> this class: the projection becomes `proj.weight`; a position embedding for another
+    grid is resampled as the model's `pos_embed_antialias` says (module docstring)."""
     state = dict(state)
     if "head.weight" in state and "proj.weight" not in state:
         state["proj.weight"] = state.pop("head.weight")
     state.pop("head.bias", None)
-    return checkpoint_filter_fn(state, model)
+    return checkpoint_filter_fn(state, model, antialias=getattr(model, "pos_embed_antialias", True))
 
 
 def _create(name: str, pretrained: bool, args: dict, kwargs: dict) -> ClipDenseVisionTransformer:

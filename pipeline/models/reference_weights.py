@@ -1,9 +1,18 @@
 """The authors' released DINOv2 students as timm students.
 
 Their checkpoints are a Hugging Face `Dinov2Model` state dict (`embeddings.*`, `encoder.layer.N.*`,
-`layernorm.*`) plus a `registers` tensor of R learned tokens placed after the class token, without
-a position term, as timm's `reg_token` is. Converted, they load into the timm model this project
-distils (`reg_tokens=R, no_embed_class=True`), so its evaluation runs on released weights.
+`layernorm.*`) plus a `registers` tensor of R learned tokens without a position term, as timm's
+`reg_token` is. The authors put the registers before the class token (`[registers, class,
+patches]`), timm after it (`[class, registers, patches]`); with no position term on either, the
+blocks treat the tokens alike wherever they sit, so the order changes token indices, not outputs.
+Converted, they load into the timm model this project distils (`reg_tokens=R,
+no_embed_class=True`), so its evaluation runs on released weights.
+
+Two layouts are accepted: the bare one above, and the one the authors' training script saves
+(`torch.save(student.state_dict())` of DINOv2_full's `RegDINOv2Base`), which holds the HF model as
+`model.*` and refers to its submodules again as `embed`, `encoder` and `layernorm`: every tensor
+is in it twice, under `model.embeddings.*` and `embed.*`, `model.encoder.*` and `encoder.*`,
+`model.layernorm.*` and `layernorm.*`.
 """
 from __future__ import annotations
 
@@ -27,11 +36,45 @@ _SWAPS = [
 ]
 
 
+# The authors' wrapper: its name for a tensor -> the bare HF name (`encoder.*` and `layernorm.*`
+# are the bare names already).
+_WRAPPER_PREFIXES = [("model.", ""), ("embed.", "embeddings.")]
+
+
+def is_wrapper_layout(state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` is the authors' wrapper layout: the HF model under `model.`."""
+    return any(key.startswith("model.") for key in state)
+
+
+def _bare_name(key: str) -> str:
+    for prefix, bare in _WRAPPER_PREFIXES:
+        if key.startswith(prefix):
+            return bare + key[len(prefix):]
+    return key
+
+
+def unwrap_phreg_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' wrapper layout (module docstring) -> the bare HF layout + `registers`. A
+    tensor saved under two names must be the same under both: names that disagree mean the
+    file is not what it claims to be, and either choice could be the wrong half."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        bare = _bare_name(key)
+        if bare not in out:
+            out[bare] = value
+        elif out[bare].shape != value.shape or not torch.equal(out[bare], value):
+            raise ValueError(f"{key!r} and another name of {bare!r} differ in a PH-Reg DINOv2 student state dict: "
+                             "the wrapper's two names of one module must hold the same tensor")
+    return out
+
+
 def convert_phreg_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF `Dinov2Model` keys + `registers` -> the state dict of a timm DINOv2 ViT built with
-    `reg_tokens=R, no_embed_class=True`. Separate q/k/v projections are stacked into timm's
-    fused qkv; the class position is folded into the class token (exact: it has no other
-    position term); the unused `mask_token` is dropped."""
+    """HF `Dinov2Model` keys + `registers` (bare, or in the authors' wrapper layout) -> the
+    state dict of a timm DINOv2 ViT built with `reg_tokens=R, no_embed_class=True`. Separate
+    q/k/v projections are stacked into timm's fused qkv; the class position is folded into the
+    class token (exact: it has no other position term); the unused `mask_token` is dropped."""
+    if is_wrapper_layout(state):
+        state = unwrap_phreg_dinov2(state)
     out, qkv = {}, {}
     for key, value in state.items():
         if key == "registers":

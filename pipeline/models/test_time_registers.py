@@ -3,11 +3,18 @@
 "Vision Transformers Don't Need Trained Registers" (Jiang et al., 2025) finds that a few MLP
 neurons ("register neurons") put the high-norm artifacts on their tokens, and removes the
 artifacts at inference by appending one token (zero-initialised, no position embedding) that
-receives each register neuron's largest activation over the image's patches, while the
-neuron is zeroed at the patches. This module locates those neurons in a timm
-`VisionTransformer` and builds the modified model; it is written from the paper's description,
-with two departures from the published hooks: the edit is made per image of a batch (not on
-the first image only) and per neuron (not one scalar for all neurons of a layer).
+receives the register neurons' signed maximum activation (the value of largest magnitude,
+sign kept) over all tokens, while the neurons are zeroed at the patches. This module locates
+those neurons in a timm `VisionTransformer` and builds the modified model. As in the published
+code (nickjiang2378/test-time-registers, `activate_on_registers`/`sign_max`; its CLIP tower
+appends the token before `ln_pre`, its DINOv2 after the position embedding) the zero token
+enters before the pre-norm (timm's `norm_pre`: CLIP's `ln_pre`, an identity elsewhere) and the
+maximum runs over every token, class token and register included. Three departures: the edit
+is made per image of a batch (the published hook edits the first image only); per neuron (it
+writes one scalar, the signed maximum over all register neurons of the layer, to every one of
+them); and the token sits right after the prefix tokens rather than last (no position term, so
+the blocks treat it alike anywhere; timm's `num_prefix_tokens` then still counts the patches
+from the right place). Only the first two change values.
 
 Location (`locate`), on a handful of images:
 1. patch-token norms after every block; outliers are the tokens whose norm at `detect_block`
@@ -183,12 +190,19 @@ def locate(model: nn.Module, x: torch.Tensor, detect_block: int = -1, threshold:
     return Location(neurons, detect, float(threshold), max_block, len(x), with_outliers, sweep)
 
 
+def signed_max(h: torch.Tensor) -> torch.Tensor:
+    """(N, tokens, k) -> (N, k): over the tokens, the value of largest magnitude with its sign,
+    the minimum on a tie (the reference's `sign_max`, per image and per neuron)."""
+    top, bottom = h.amax(dim=1), h.amin(dim=1)
+    return torch.where(top.abs() > bottom.abs(), top, bottom)
+
+
 class TestTimeRegisters(nn.Module):
     """A timm VisionTransformer with one test-time register: a zero token inserted after the
-    prefix tokens (class token, registers) before the first block, where a token without
-    position embedding may sit anywhere. At every register neuron, the register receives the
-    neuron's largest activation over the image's patch tokens and the patch tokens get 0; the
-    prefix tokens keep theirs, as in the published method.
+    prefix tokens (class token, registers) before the pre-norm (`norm_pre`), where a token
+    without position embedding may sit anywhere. At every register neuron, the register
+    receives the neuron's signed maximum over all tokens and the patch tokens get 0; the prefix
+    tokens keep theirs, as in the published method.
 
     It reads like the timm model it wraps (`forward_features`, `blocks`, `patch_embed`,
     `cls_token`, `num_prefix_tokens` one larger), so its patch features have the teacher's
@@ -210,7 +224,9 @@ class TestTimeRegisters(nn.Module):
                 raise ConfigError(f"test-time registers: neuron ({layer}, {index}) is not in {name} "
                                   f"({len(model.blocks)} blocks of {hidden} hidden units)")
             by_layer.setdefault(layer, []).append(index)
-        self._hooks = [model.blocks[0].register_forward_pre_hook(self._insert)] + [
+        # before norm_pre: the reference appends the token before CLIP's ln_pre, which turns it
+        # into ln_pre's bias; for models without a pre-norm this is the first block's input
+        self._hooks = [model.norm_pre.register_forward_pre_hook(self._insert)] + [
             model.blocks[layer].mlp.fc2.register_forward_pre_hook(self._mover(torch.tensor(sorted(set(indices)))))
             for layer, indices in sorted(by_layer.items())]
         # blocks that find the patches by a count of prefix tokens (the CLIP dense last block,
@@ -250,8 +266,8 @@ class TestTimeRegisters(nn.Module):
         def move(module, args):
             h = args[0].clone()  # never edit a tensor in place that autograd or the caller may still hold
             idx = indices.to(h.device)
-            patches = h[:, self.num_prefix_tokens:, idx]  # (N, patches, k): per image, per neuron
-            h[:, self.at, idx] = patches.amax(dim=1)
+            # over all tokens, class token and register included, as the reference's sign_max
+            h[:, self.at, idx] = signed_max(h[:, :, idx])  # (N, k): per image, per neuron
             h[:, self.num_prefix_tokens:, idx] = 0
             return (h, *args[1:])
         return move
