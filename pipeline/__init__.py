@@ -3,7 +3,8 @@
 Layers, lowest first; a module imports only from its own layer and the ones below it
 (`tests/test_layout.py` enforces this):
 
-- `config`, `storage`, `errors`: the run's typed config, fsspec I/O, the error types.
+- `config`, `storage`, `errors`, `placement`: the run's typed config, fsspec I/O, the error
+  types, and how many workers a cluster can place.
 - `data`: images, shards, manifests, the sample corpus.
 - `models`: teacher and student ViTs, planted-artifact teachers, export.
 - `targets`: test-time augmentation, computing targets, the Zarr target store.

@@ -108,23 +108,41 @@ class CacheConfig(Section):
         None, description="Crop of the stored views: 'center', or 'random' along the long side. Default: center for V=1, random otherwise."
     )
     batch_images: int = Field(4, ge=1, description="Images per teacher forward (times `counts` views).")
-    num_actors: int | None = Field(None, ge=1, description="Teacher actors. Default: one per GPU, else one per cpus_per_actor CPUs.")
+    num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Teacher actors. auto: one per GPU, else one per cpus_per_actor CPUs. A number the cluster "
+        "cannot place is refused before any compute."
+    )
     use_gpu: bool | None = Field(
-        None, description="One GPU per actor. Default: when the cluster has GPUs as the stage starts (set true on an "
-        "autoscaling cluster that starts without GPU nodes)."
+        None, description="One GPU per actor. Default: when the cluster has GPUs as the stage starts (set true, with "
+        "cluster.autoscaling, on a cluster that starts without GPU nodes)."
     )
     cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs each actor reserves (fractions allowed).")
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads per actor on the CPU. Default: cpus_per_actor, at least 1.")
     prefetch: int = Field(2, ge=1, description="Batches decoded ahead of the model by each reader.")
     readers: int | None = Field(
         None, ge=0, description="Reader processes per actor that fetch, decode and crop images ahead of the model (0: one "
-        "thread of the actor). Default: 2 with a GPU, 0 on the CPU, where the model's threads already use the actor's "
-        "cores. Each reader is about one CPU core busy: reserve them in cpus_per_actor."
+        "thread of the actor). Default with a GPU: cpus_per_actor minus one (at least 2); on the CPU 0, where the model's "
+        "threads already use the actor's cores. Each reader is about one CPU core busy: reserve them in cpus_per_actor."
     )
     codec: Literal["none", "lz4", "zstd"] = Field(
         "none", description="Compression of a new store's targets. Dense features barely compress (zstd saves about a "
         "tenth of float16 targets) and undoing zstd costs a reader more than decoding the image (BENCHMARKS.md, Data "
         "path). An existing store keeps the codec it was made with."
+    )
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description="An image of a shard that no longer decodes (a file cut short or overwritten after sharding): "
+        "'fail' stops the stage naming the shard, unit and image; 'skip' records it as rejected in its unit's marker "
+        "(its rows zero, never trained on) and goes on."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the teacher's forward (fixed batch shapes: one compilation per actor). Worth it "
+        "on a GPU; on the CPU it only adds compile time."
+    )
+    store_crops: bool = Field(
+        True, description="Store each image's uint8 crop beside its targets (ViT-B/14 at 518 px: 805 KB beside 2.1 MB of "
+        "float16 targets), so distillation reads pixels instead of decoding and resizing JPEGs, and sees exactly the "
+        "pixels the teacher saw. Off: less storage, students decode the shards' images. An existing store keeps what "
+        "it was made with."
     )
     units_per_task: int | None = Field(
         None, ge=1, description="Units handed to an actor at once (its reader and writer overlap across them). "
@@ -180,11 +198,15 @@ class DistillConfig(Section):
     final_lr: float = Field(5e-6, gt=0, description="Learning rate reached at the end of the exponential decay.")
     lr_decay: Literal["step", "epoch"] = Field(
         "step", description="step: the rate decays smoothly every step. epoch: it is held through each epoch and "
-        "decays between epochs, as the reference implementation's per-epoch ExponentialLR (same start and end)."
+        "decays between epochs, as the reference implementation's per-epoch ExponentialLR: epoch e trains at "
+        "lr * (final_lr / lr) ** ((e + 1) / epochs), the last one at final_lr."
     )
     weight_decay: float = Field(1e-2, ge=0)
     mse_scale: float = Field(1.0, ge=0, description="Weight of the MSE term next to (1 - cosine).")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Ray Train workers (DDP ranks). auto: one per GPU when training on GPUs, else 1. A number the "
+        "cluster cannot place (GPUs, or CPUs per worker) is refused before any compute."
+    )
     use_gpu: bool | None = Field(None, description="One GPU per worker. Default: when the cluster has GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker on the CPU. Default: cpus_per_worker.")
@@ -200,9 +222,14 @@ class DistillConfig(Section):
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="Probability of mirroring image and cached target together.")
     prefetch: int = Field(4, ge=1, description="Batches each reader prepares ahead of the training step.")
     readers: int | None = Field(
-        None, ge=0, description="Reader processes per worker that read, decode and crop its batches (0: one thread of the "
-        "worker); the batches are the same whatever the number. Default: 2 with a GPU, 0 on the CPU, where training "
-        "uses the worker's cores. Each reader is about one CPU core busy: reserve them in cpus_per_worker."
+        None, ge=0, description="Reader processes per worker that read (and, for stores without crops, decode and crop) "
+        "its batches (0: one thread of the worker); the batches are the same whatever the number. Default with a GPU: "
+        "cpus_per_worker minus one for the training loop (at least 2); on the CPU 0, where training uses the worker's "
+        "cores. Reserve the readers' cores in cpus_per_worker."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the student's forward and loss (fixed batch shapes: one compilation, paid by "
+        "the first step). Worth it on a GPU; on the CPU it only adds compile time."
     )
     output: str | None = Field(None, description="Folder of the student runs. Default: <run_root>/students.")
 
@@ -308,19 +335,37 @@ class EvaluateConfig(Section):
     probe_ridge: float = Field(1e-3, ge=0, description="Ridge penalty of the linear probes, relative to the mean feature energy.")
     probe_protocol: Literal["ridge", "trained"] = Field(
         "ridge", description="'ridge': closed-form ridge probes on patch-level targets (fast, not comparable with published "
-        "tables). 'trained': the DINOv2 / PH-Reg linear protocols: a BatchNorm + 1x1-conv head trained with AdamW and a "
-        "poly schedule on augmented crops (segmentation: cross-entropy; depth: 256-bin head on patch + class tokens, SigLog "
-        "+ gradient loss), scored with sliding windows at each val image's own resolution. One Ray task per model and kind.",
+        "tables). 'trained': the DINOv2 / PH-Reg linear protocols: a 1x1-conv head trained with AdamW on augmented crops "
+        "(segmentation: BatchNorm + conv, cross-entropy, poly schedule, scored with sliding windows at short side "
+        "probe_short_side; depth: conv alone, 256 bins on patch + class tokens, SigLog + gradient loss, cosine schedule with "
+        "warm-up, sliding windows at each val image's own resolution). One Ray task per model and kind.",
     )
     probe_iterations: int = Field(
         300, ge=1, description="Trained probes: training steps of each head (one frozen forward of probe_batch_size windows "
         "each). The default suits a CPU check; the published protocols train 40k (VOC, ADE20K) to 80k steps on a GPU.",
     )
     probe_batch_size: int = Field(8, ge=1, description="Trained probes: augmented windows per training step.")
-    probe_lr: float = Field(1e-3, gt=0, description="Trained probes: AdamW learning rate, decayed linearly to 0 (poly, power 1).")
+    probe_lr: float = Field(
+        1e-3, gt=0, description="Trained segmentation probe: AdamW learning rate (weight decay 1e-4), decayed to 0 by mmseg's "
+        "poly schedule of power 0.9 (PH-Reg's ADE20K config).",
+    )
     probe_stride: float = Field(
         2 / 3, gt=0, le=1, description="Trained probes: sliding-window stride at inference, as a fraction of the window "
         "(the model's input); mmseg's 341 of 512 px.",
+    )
+    probe_short_side: Annotated[int, Field(ge=1)] | Literal["window"] | None = Field(
+        "window", description="Trained segmentation probe: each val image is resized to this short side (px; the long side "
+        "at most 4x it) before the sliding windows, and the logits back to its own pixels for scoring (mmseg's Resize + "
+        "slide inference). 'window': the window's short side, the model's input (PH-Reg: 518 px windows at short side 518); "
+        "null: each image at its own resolution.",
+    )
+    probe_depth_lr: float = Field(
+        5e-3, gt=0, description="Trained depth probe: AdamW learning rate (DINOv2's linear depth head, PH-Reg's NYUv2 config).",
+    )
+    probe_depth_weight_decay: float = Field(1e-2, ge=0, description="Trained depth probe: AdamW weight decay (DINOv2, PH-Reg: 0.01).")
+    probe_depth_warmup: float = Field(
+        12800 / 30000, ge=0, lt=1, description="Trained depth probe: fraction of probe_iterations spent in mmcv's linear "
+        "warm-up (from 1e-3 of the lr) of the cosine schedule (to 1e-8 of the lr); PH-Reg: 12,800 of 30,000 iterations.",
     )
     probe_depth_bins: int = Field(256, ge=2, description="Trained depth probe: linear depth bins the head classifies into.")
     probe_min_depth: float = Field(
@@ -366,8 +411,16 @@ class TrackingConfig(Section):
     mlflow_experiment: str = Field("phreg", description="MLflow experiment the runs go into.")
 
 
+class ClusterConfig(Section):
+    autoscaling: bool = Field(
+        False, description="The Ray cluster adds nodes on demand (KubeRay, `ray up` autoscaler): workers and actors beyond "
+        "what it has now are requested, not refused. Off: a request the cluster cannot place is refused before compute."
+    )
+
+
 class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     tta: TTAConfig = Field(default_factory=TTAConfig)
@@ -458,12 +511,17 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set one option by its dotted name. A mapping merges into the section it names (as a
+    later YAML file would), so `--evaluate.zeroshot '{text_pretrained: openai}'` keeps the
+    section's other keys; a key is reset by giving it its default (or null where allowed)."""
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        value = deep_merge(node[leaf], value)
     node[leaf] = value
 
 

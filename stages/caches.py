@@ -25,7 +25,8 @@ def verify(cfg: Config) -> list[str]:
     manifest = Manifest.load(cfg.cache_shards_url, so)
     store = locate_store(cfg, manifest)
     problems = check_layout(store, manifest)
-    units = [u for u in manifest.units() if u.id in store.completed()]
+    done = store.completed()  # one listing, not one per unit
+    units = [u for u in manifest.units() if u.id in done]
     if units:
         init_ray()
         batches = [units[i:i + 16] for i in range(0, len(units), 16)]
@@ -37,7 +38,8 @@ def verify(cfg: Config) -> list[str]:
         bar.close()
     if problems:
         raise PipelineError(f"store {store.url} failed verification ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
-    say(f"verify: {store.url} is complete and consistent: {manifest.num_images} images in {len(units)} units")
+    say(f"verify: {store.url} is complete and consistent: {manifest.num_images} images in {len(units)} units, "
+        f"{'targets and crops' if store.has_crops else 'targets only (no crops: students decode the images)'}")
     return problems
 
 
@@ -57,7 +59,7 @@ def list_caches(cfg: Config) -> list[dict]:
             "fingerprint": spec.fingerprint, "model": t["model"], "weights": t["weights"], "img_size": t["img_size"],
             "grid": t["grid"], "counts": spec.counts, "shift_frac": spec.shift_frac, "flip": spec.flip, "seed": spec.seed,
             "dtype": spec.dtype, "variants": spec.variants, "crop": spec.crop, "corpus": spec.corpus_id,
-            "units_done": done, "units_total": total, "manifest": meta["manifest"],
+            "crops": store.has_crops, "units_done": done, "units_total": total, "manifest": meta["manifest"],
         })
     if not rows:
         say(f"list: no target stores under {cfg.cache_root}")
@@ -65,5 +67,6 @@ def list_caches(cfg: Config) -> list[dict]:
         state = f"{r['units_done']}/{r['units_total']} units" if r["units_total"] is not None else f"{r['units_done']} units (manifest unreachable)"
         say(f"{r['fingerprint']}  {r['model']} @ {r['img_size'][0]}x{r['img_size'][1]} (grid {r['grid'][0]}x{r['grid'][1]}), "
             f"{r['counts']} views, shift {r['shift_frac']}, flip {r['flip']}, seed {r['seed']}, {r['dtype']}, "
-            f"V={r['variants']} ({r['crop']}), corpus {r['corpus']}: {state}\n    weights {r['weights']}")
+            f"V={r['variants']} ({r['crop']}), {'crops stored' if r['crops'] else 'no crops'}, corpus {r['corpus']}: {state}\n"
+            f"    weights {r['weights']}")
     return rows

@@ -18,9 +18,9 @@ from pipeline.errors import PipelineError
 
 COMMANDS = {
     "shard": ("Images -> WebDataset shards + manifest.", ["storage", "shard"]),
-    "teacher-cache": ("Shards -> denoised teacher targets (Zarr v3 store).", ["storage", "shard", "teacher", "tta", "cache", "tracking"]),
+    "teacher-cache": ("Shards -> denoised teacher targets (Zarr v3 store).", ["storage", "cluster", "shard", "teacher", "tta", "cache", "tracking"]),
     "distill": ("Target store -> student checkpoints (Ray Train).",
-                ["storage", "shard", "teacher", "tta", "cache", "student", "distill", "tracking", "students"]),
+                ["storage", "cluster", "shard", "teacher", "tta", "cache", "student", "distill", "tracking", "students"]),
     "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export", "tracking", "students"]),
     "evaluate": ("Artifact tokens, target fidelity, linear probes and pictures: teacher vs targets vs student, or one model.",
                  ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "tracking", "students"]),
@@ -43,6 +43,8 @@ def _yaml_value(text: str):
 
 def _describe(field) -> str:
     default = field.default_factory() if field.default_factory else field.default
+    if isinstance(default, BaseModel):
+        return f"{field.description or ''} [a mapping, merged into the section's values]"
     return f"{field.description or ''} [default: {default!r}]"
 
 
@@ -60,11 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(f"--{section}", dest=section, type=_yaml_value, default=argparse.SUPPRESS, metavar="V",
                                help=_describe(field))
                 continue
-            group = p.add_argument_group(section)
-            for field_name, field in model.model_fields.items():
-                group.add_argument(f"--{section}.{field_name}", dest=f"{section}.{field_name}", type=_yaml_value,
-                                   default=argparse.SUPPRESS, metavar="V", help=_describe(field))
+            _add_section(p.add_argument_group(section), section, model)
     return parser
+
+
+def _add_section(group, prefix: str, model: type[BaseModel]) -> None:
+    """A flag per option; a nested section (e.g. evaluate.zeroshot) gets one for the whole
+    mapping (merged into the section) and one per option of its own."""
+    for field_name, field in model.model_fields.items():
+        name = f"{prefix}.{field_name}"
+        group.add_argument(f"--{name}", dest=name, type=_yaml_value, default=argparse.SUPPRESS, metavar="V",
+                           help=_describe(field))
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            _add_section(group, name, field.annotation)
 
 
 def main(argv: list[str] | None = None) -> None:

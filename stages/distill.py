@@ -32,17 +32,18 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import Config, expand_students
 from pipeline.data.images import Preprocess
 from pipeline.data.manifest import Manifest
-from pipeline.data.readers import default_readers, in_order
+from pipeline.data.readers import in_order
 from pipeline.errors import ConfigError
 from pipeline.evaluation import figures
+from pipeline.placement import Node, cluster_gpus, default_readers, plan_workers
 from pipeline.models.vit import PatchFeatures, build_any_student, describe_teacher, load_teacher, patch_features, student_base, unlock
 from pipeline.storage import exists, has_scheme, join_url, read_bytes, read_json, url_to_fs, write_bytes_atomic, write_json
 from pipeline.targets.store import StoreSpec, TargetStore, describe_differences, find_store, store_spec
 from pipeline.targets.tta import denoise
 from pipeline.training import checkpoint
-from pipeline.training.losses import distill_loss, exp_decay_lr
+from pipeline.training.losses import compiled_loss, exp_decay_lr
 from pipeline.training.pairs import CachedPairs, OnlineViews, StepBatches, samples_per_rank
-from stages.runtime import cluster_gpus, init_ray, progress, say
+from stages.runtime import cluster_nodes, init_ray, progress, say
 from stages.tracking import MLflow, Tracker, start_run
 
 METRICS = ["step", "epoch", "loss", "cosine", "mse", "lr", "samples_per_s", "data_wait_fraction", "seconds"]
@@ -73,8 +74,21 @@ def claim_run(run_url: str, identity: dict, storage_options) -> None:
         write_json(url, identity, storage_options)
 
 
-def prepare(cfg: Config) -> dict:
+def placed(cfg: Config, nodes: list[Node]) -> Config:
+    """The config with the workers it runs on decided: use_gpu and num_workers as the
+    cluster can place them (refused here otherwise, instead of waiting forever)."""
+    d = cfg.distill
+    use_gpu = d.use_gpu if d.use_gpu is not None else cluster_gpus(nodes) >= 1
+    workers = plan_workers("distill.num_workers", d.num_workers, use_gpu, d.cpus_per_worker, nodes,
+                           autoscaling=cfg.cluster.autoscaling)
+    cfg = cfg.model_copy(deep=True)
+    cfg.distill.use_gpu, cfg.distill.num_workers = use_gpu, workers
+    return cfg
+
+
+def prepare(cfg: Config, nodes: list[Node]) -> dict:
     """Every check that can refuse a student, before any compute; returns its job."""
+    cfg = placed(cfg, nodes)
     so, d = cfg.storage.storage_options, cfg.distill
     manifest = Manifest.load(cfg.cache_shards_url, so)
     teacher = describe_teacher(cfg.teacher, so)
@@ -110,12 +124,11 @@ def ray_storage(url: str, storage_options) -> tuple[str, pyarrow.fs.FileSystem |
 def fit(job: dict):
     cfg = Config.model_validate(job["cfg"])
     d = cfg.distill
-    use_gpu = d.use_gpu if d.use_gpu is not None else cluster_gpus() >= 1
     storage_path, storage_fs = ray_storage(cfg.students_url, cfg.storage.storage_options)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.student.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=d.max_failures),
@@ -126,13 +139,15 @@ def fit(job: dict):
 
 
 def run(cfg: Config) -> list:
-    jobs = [prepare(c) for c in expand_students(cfg)]
+    init_ray()
+    nodes = cluster_nodes()
+    jobs = [prepare(c, nodes) for c in expand_students(cfg)]
     for job in jobs:
         c = Config.model_validate(job["cfg"])
         say(f"distill: student {c.student.name} ({c.student.registers} registers"
             f"{', ' + c.student.model if c.student.model else ''}) from {job['store'] or 'online targets'}\n"
-            f"  {c.distill.num_workers} worker(s), {c.distill.epochs} epochs, {job['total_steps']} steps -> {job['run']}")
-    init_ray()
+            f"  {c.distill.num_workers} worker(s) on {'GPUs' if c.distill.use_gpu else 'CPUs'}, {c.distill.epochs} epochs, "
+            f"{job['total_steps']} steps -> {job['run']}")
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(fit, job) for job in jobs]
         watch(jobs, futures, Config.model_validate(jobs[0]["cfg"]).storage.storage_options)
@@ -289,8 +304,9 @@ def train_loop(job: dict) -> None:
         if step:
             print(f"[distill] {cfg.student.name}: resuming at step {step}/{total}", flush=True)
 
+    forward_loss = compiled_loss(d.compile)
     window, whole_epoch = Meter(), Meter()
-    readers = default_readers(d.readers, device.type == "cuda")
+    readers = default_readers(d.readers, device.type == "cuda", d.cpus_per_worker)
     # one stream across epochs: the readers prepare the next epoch's first batches while this
     # epoch's last ones train
     stream = in_order(plan, len(plan), readers, d.prefetch, pin_memory=device.type == "cuda")
@@ -304,9 +320,7 @@ def train_loop(job: dict) -> None:
         lr = exp_decay_lr(step, total, d.lr, d.final_lr, every=steps_per_epoch if d.lr_decay == "epoch" else 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast:
-            pred = model(images)
-        loss, cos, mse = distill_loss(pred, targets, d.mse_scale)
+        loss, cos, mse = forward_loss(model, images, targets, d.mse_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -8,6 +8,8 @@ import sys
 import ray
 from tqdm import tqdm
 
+from pipeline.placement import Node
+
 LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 # For every worker, here or on a cluster: Ray Train's print patch would echo each line twice.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
@@ -45,6 +47,12 @@ def cluster_cpus() -> float:
 
 def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected cluster with the CPUs and GPUs each declares."""
+    return [Node(cpus=n["Resources"].get("CPU", 0.0), gpus=n["Resources"].get("GPU", 0.0), name=n["NodeManagerAddress"])
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def progress(total: int, desc: str, unit: str) -> tqdm:

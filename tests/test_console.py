@@ -66,17 +66,19 @@ def test_demo_console_is_the_stages_own(tmp_path):
     for bar in ("shard", "teacher-cache", "r16", "evaluate"):  # each stage's progress bar (tqdm, on stderr)
         assert re.search(rf"^{bar}: *100%", demo.stderr.replace("\r", "\n"), re.M), bar
 
-    # a failure inside a Ray Train worker (its shard is gone) reaches the user as one sentence
-    os.remove(tmp_path / "run" / "shards" / "00001.tar")
+    # a failure inside a Ray Train worker (a shard of the store is gone) reaches the user as one sentence
+    (store,) = (tmp_path / "run" / "cache").iterdir()
+    os.remove(store / "targets.zarr" / "crops" / "c" / "1" / "0" / "0" / "0" / "0")
     failed = phreg("distill", "--config", config, "--student.name", "other", "--distill.max_failures", "0")
     assert failed.returncode == 1
     assert noise(failed.stdout + failed.stderr) == []
     errors = [line for line in failed.stderr.replace("\r", "\n").splitlines() if line.startswith("phreg distill:")]
-    assert len(errors) == 1 and "storage error: FileNotFoundError" in errors[0] and "00001.tar" in errors[0], failed.stderr
+    assert len(errors) == 1 and "storage error: FileNotFoundError" in errors[0] and "crops/c/1/0/0/0/0" in errors[0], \
+        failed.stderr
 
     # PHREG_DEBUG=1: the workers' lines and the whole traceback
     debug = phreg("distill", "--config", config, "--student.name", "third", "--distill.max_failures", "0",
                   env={"PHREG_DEBUG": "1"})
     assert debug.returncode == 1
     assert re.search(r"\((RayTrainWorker|TrainController) pid=\d+", debug.stdout + debug.stderr)
-    assert "Traceback" in debug.stderr and "00001.tar" in debug.stderr
+    assert "Traceback" in debug.stderr and "crops/c/1/0/0/0/0" in debug.stderr

@@ -51,11 +51,15 @@ def _shards(tmp, out: str, storage_options=None) -> Manifest:
     return Manifest.load(out, storage_options)
 
 
-def _store(tmp, manifest, dtype, root=None, storage_options=None):
+def _store(tmp, manifest, dtype, root=None, storage_options=None, crops=False):
+    """Distinct random targets and boxes; with `crops`, each box's crop stored as the teacher
+    stage stores it (from the decoded image)."""
     spec = StoreSpec(teacher=TEACHER, counts=3, shift_frac=0.15, flip=True, seed=0, dtype=dtype, variants=V,
                      crop="random", corpus_id="pairing", unit_rows=UNIT_ROWS)
-    store = TargetStore.create_or_open(root or str(tmp / "cache"), spec, manifest.url, num_rows=manifest.num_rows,
-                                       storage_options=storage_options)
+    root = root or str(tmp / ("cache-crops" if crops else "cache"))
+    store = TargetStore.create_or_open(root, spec, manifest.url, num_rows=manifest.num_rows,
+                                       storage_options=storage_options, crops=crops)
+    pre = Preprocess.from_dict(PRE)
     rng = np.random.default_rng(1)
     for unit in manifest.units():
         feats = torch.from_numpy(rng.normal(size=(unit.count, V, 2, 2, 8)).astype(np.float32) * 3)
@@ -63,14 +67,23 @@ def _store(tmp, manifest, dtype, root=None, storage_options=None):
         left, top = rng.uniform(0, 8, (unit.count, V)), rng.uniform(0, 8, (unit.count, V))
         side = rng.uniform(24, 32, (unit.count, V))
         boxes = np.stack([left, top, left + side, top + side], -1)
-        store.mark_complete(unit.id, {"images": unit.count, **store.write_unit(unit, feats, boxes)})
+        pixels = None
+        if crops:
+            images = [decode_rgb(d) for d in read_images(manifest, list(range(unit.start, unit.start + unit.count)),
+                                                         storage_options)]
+            pixels = np.stack([np.stack([pre.pixels(images[r], boxes[r, v]).numpy() for v in range(V)])
+                               for r in range(unit.count)])
+        store.mark_complete(unit.id, {"images": unit.count, **store.write_unit(unit, feats, boxes, pixels)})
     return store
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_cached_pairs_follow_a_shuffled_plan(corpus, dtype):
+@pytest.mark.parametrize("dtype, crops", [("float16", False), ("int8", False), ("float16", True)])
+def test_cached_pairs_follow_a_shuffled_plan(corpus, dtype, crops):
+    """Stores with and without crops give the same pairs: the stored crop is, bit for bit,
+    the image decoded and cropped with the row's box."""
     tmp, manifest = corpus
-    store = _store(tmp, manifest, dtype)
+    store = _store(tmp, manifest, dtype, crops=crops)
+    assert store.has_crops == crops
     pre = Preprocess.from_dict(PRE)
     units = {u.id: u for u in manifest.units()}
     reader = CachedPairs(manifest, pre, store=store)
@@ -86,6 +99,19 @@ def test_cached_pairs_follow_a_shuffled_plan(corpus, dtype):
             want_image = pre.pixels(decode_rgb(read_images(manifest, [index])[0]), box)
             assert torch.equal(target.float(), torch.from_numpy(want_target)), (epoch, index)
             assert torch.equal(image, want_image), (epoch, index)
+
+
+def test_a_store_with_crops_is_read_without_the_images(corpus):
+    tmp, manifest = corpus
+    store = _store(tmp, manifest, "float16", crops=True)
+    # the same corpus, its shards elsewhere (gone): only the store is read
+    moved = Manifest(str(tmp / "no-shards"), manifest.corpus_id, CAPACITY, UNIT_ROWS, manifest.counts)
+    with_images = list(CachedPairs(manifest, Preprocess.from_dict(PRE), store=store).examples(PLAN, 1))
+    without = list(CachedPairs(moved, Preprocess.from_dict(PRE), store=store).examples(PLAN, 1))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(with_images, without))
+    no_crops = _store(tmp, manifest, "float16")
+    with pytest.raises(Exception):
+        list(CachedPairs(moved, Preprocess.from_dict(PRE), store=no_crops).examples(PLAN, 1))
 
 
 def test_online_views_follow_a_shuffled_plan(corpus):
@@ -115,7 +141,7 @@ def test_reader_processes_give_the_batches_of_a_thread(tmp_path, where, request)
     else:
         root, options = str(tmp_path), {}
     manifest = _shards(tmp_path, f"{root}/shards", options)
-    store = _store(tmp_path, manifest, "float16", f"{root}/cache", options)
+    store = _store(tmp_path, manifest, "float16", f"{root}/cache", options, crops=where == "s3")
     pairs = CachedPairs(manifest, Preprocess.from_dict(PRE), options, store=store, hflip=0.5, seed=4)
     pairs.examples([(0, np.array([0]))], 0)  # the parent has used its clients before forking
     plan = StepBatches(pairs, seed=1, rank=1, world=2, batch_size=2, epochs=3, first_step=1)

@@ -130,3 +130,63 @@ def test_a_later_field_at_its_default_leaves_the_fingerprint_alone(tmp_path):
     store = TargetStore.create_or_open(str(tmp_path), reference, "m", num_rows=3)
     assert TargetStore(store.url).spec == reference
     assert TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3).spec == SPEC
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_direct_row_reads_equal_zarrs(tmp_path, request, where, dtype):
+    """Rows read from their byte ranges (the shard index) equal what Zarr reads, for targets
+    and crops, in any order, across units; a unit never written is an error, not zeros."""
+    from pipeline.targets.rows import direct_readable
+
+    root, options = (str(tmp_path), {}) if where == "local" else request.getfixturevalue("s3_bucket")
+    store = TargetStore.create_or_open(root, replace(SPEC, dtype=dtype), "m", num_rows=12, storage_options=options,
+                                       crops=True)
+    rng = np.random.default_rng(0)
+    for unit in (Unit(0, 0, 0, 3, 0), Unit(2, 2, 0, 2, 6)):  # unit 1 (rows 3-5) is never written
+        feats = torch.from_numpy(rng.normal(size=(unit.count, 2, 2, 2, 8)).astype(np.float32))
+        crops = rng.integers(0, 256, (unit.count, 2, 3, 32, 32), dtype=np.uint8)
+        store.write_unit(unit, feats, np.zeros((unit.count, 2, 4)), crops)
+    reopened = TargetStore(store.url, options)
+    assert direct_readable(reopened.array("targets")) and direct_readable(reopened.array("crops"))
+    rows = np.array([7, 0, 2, 6, 1, 8])
+    for variant in (0, 1):
+        crops = reopened.read_crops(rows, variant).numpy()
+        targets = reopened.read_rows(rows, variant)
+        for i, row in enumerate(rows):
+            assert np.array_equal(crops[i], store.group["crops"][int(row), variant])
+            assert np.array_equal(targets[i].float().numpy(), store.read(slice(int(row), int(row) + 1), variant)[0])
+    for read in (reopened.read_crops, reopened.read_rows):
+        with pytest.raises(FileNotFoundError, match="c/1/0/0/0/0"):
+            read(np.array([4]), 0)
+
+
+def test_compressed_stores_are_read_through_zarr(tmp_path):
+    from pipeline.targets.rows import direct_readable
+
+    store = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3, codec="zstd")
+    feats = torch.randn(3, 2, 2, 2, 8)
+    store.write_unit(Unit(0, 0, 0, 3, 0), feats, np.zeros((3, 2, 4)))
+    assert not direct_readable(store.array("targets"))
+    assert torch.equal(store.read_rows(np.array([2, 0]), 1).float(), feats[[2, 0], 1].half().float())
+
+
+def test_markers_with_either_digest_verify_and_a_changed_row_fails_both(tmp_path):
+    """Markers hold a CRC32C of the unit's rows; stores made before hold a sha256: verify reads
+    which one a marker holds and recomputes that one."""
+    from pipeline.targets.store import unit_digest
+    from pipeline.targets.store_check import check_unit
+
+    store = TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3, crops=True)
+    unit = Unit(0, 0, 0, 3, 0)
+    feats = torch.randn(3, 2, 2, 2, 8)
+    written = store.write_unit(unit, feats, np.ones((3, 2, 4)), np.full((3, 2, 3, 32, 32), 7, dtype=np.uint8))
+    assert written["digest"].startswith("crc32c:")
+    parts = {name: store.group[name][0:3] for name in ("targets", "boxes", "crops")}
+    legacy = unit_digest(parts, "sha256")
+    assert len(legacy) == 64 and unit_digest(parts) == written["digest"]
+    for digest in (written["digest"], legacy):
+        assert not [p for p in check_unit(store, unit, {"digest": digest}) if "digest" in p]
+    store.group["crops"][1, 1, 0, 0, 0] = 8
+    for digest in (written["digest"], legacy):
+        assert any("digest mismatch" in p for p in check_unit(store, unit, {"digest": digest}))

@@ -78,14 +78,6 @@ class _Slots(Dataset):
         return index, (batch if made else None)
 
 
-def default_readers(configured: int | None, on_gpu: bool) -> int:
-    """`cache.readers` / `distill.readers`, else 2 processes feeding a GPU and none on the CPU,
-    where the model's own threads already use the cores."""
-    if configured is not None:
-        return configured
-    return 2 if on_gpu else 0
-
-
 def _reopen(worker_id: int) -> None:
     dataset = get_worker_info().dataset
     dataset.load = pickle.loads(pickle.dumps(dataset.load))

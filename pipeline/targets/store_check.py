@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data.manifest import Manifest, Unit
-from pipeline.targets.store import ENCODINGS, StoreSpec, TargetStore, decode, unit_digest
+from pipeline.targets.store import ENCODINGS, StoreSpec, TargetStore, decode, digest_kind, unit_digest
 
 
 def check_layout(store: TargetStore, manifest: Manifest) -> list[str]:
@@ -30,6 +30,7 @@ def check_layout(store: TargetStore, manifest: Manifest) -> list[str]:
         "targets": ((V, gh, gw, D), ENCODINGS[spec.dtype]),
         "boxes": ((V, 4), "float32"),
         **({"scales": ((V, gh, gw), "float32")} if spec.dtype == "int8" else {}),
+        **({"crops": ((V, 3, *spec.teacher["img_size"]), "uint8")} if store.has_crops else {}),
     }
     for array, (tail, dtype) in expected.items():
         if array not in group:
@@ -50,24 +51,28 @@ def check_layout(store: TargetStore, manifest: Manifest) -> list[str]:
 
 
 def check_unit(store: TargetStore, unit: Unit, marker: dict) -> list[str]:
-    """Rows of one complete unit: digest as written, finite, every row written, padding empty."""
+    """Rows of one complete unit: digest as written (crops included), finite, every row
+    written, padding empty."""
     spec, rows = store.spec, store.spec.unit_rows
     block = slice(unit.start, unit.start + rows)
-    parts = {name: store.group[name][block] for name in ("targets", "boxes", "scales") if name in store.group}
+    parts = {name: store.group[name][block] for name in store.ARRAYS if name in store.group}
     where = f"unit {unit.id} (shard {unit.shard}, rows {unit.start}-{unit.start + unit.count - 1})"
     problems = []
-    if marker.get("digest") != unit_digest(parts):
+    if marker.get("digest") != unit_digest(parts, digest_kind(marker.get("digest"))):
         problems.append(f"{where}: stored data differ from what was written (digest mismatch): corrupted or overwritten")
     values = decode(parts["targets"], parts.get("scales"), spec.dtype)
     bad = ~np.isfinite(values).reshape(rows, -1).all(axis=1)
     if bad.any():
         problems.append(f"{where}: NaN or Inf in rows {(unit.start + np.flatnonzero(bad)).tolist()[:10]}")
     empty = ~values.reshape(rows, -1).any(axis=1)
-    if empty[:unit.count].any():
-        problems.append(f"{where}: rows never written: {(unit.start + np.flatnonzero(empty[:unit.count])).tolist()[:10]}")
-    if not empty[unit.count:].all():
-        problems.append(f"{where}: rows past the shard's images hold data")
-    boxes = parts["boxes"][:unit.count]
+    rejected = np.zeros(rows, dtype=bool)  # images the stage could not read: zero rows, listed in the marker
+    rejected[[r["index"] - unit.start for r in marker.get("rejected", [])]] = True
+    if (empty[:unit.count] & ~rejected[:unit.count]).any():
+        never = np.flatnonzero(empty[:unit.count] & ~rejected[:unit.count])
+        problems.append(f"{where}: rows never written: {(unit.start + never).tolist()[:10]}")
+    if not empty[unit.count:].all() or not empty[rejected].all():
+        problems.append(f"{where}: rows past the shard's images, or of rejected images, hold data")
+    boxes = parts["boxes"][:unit.count][~rejected[:unit.count]]
     if not ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).all():
         problems.append(f"{where}: degenerate crop boxes")
     return problems

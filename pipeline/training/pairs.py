@@ -9,7 +9,7 @@ units than ranks, units are split into interleaved parts instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from pipeline.data.images import Preprocess, decode_rgb
 from pipeline.data.manifest import Manifest, Unit
 from pipeline.data.shards import fetch_images
+from pipeline.errors import PipelineError
 from pipeline.targets.store import StoreSpec, TargetStore
 from pipeline.targets.teacher_targets import prepare
 
@@ -79,26 +80,52 @@ class Examples:
 
 @dataclass
 class CachedPairs(Examples):
-    """(pixels, target) from the store: epoch e reads variant e mod V, the image cropped with
-    that variant's recorded box; targets in their stored width (`as_tensor`). With `hflip` >
-    0, image and target are mirrored together (valid because the denoised target averages
-    flipped and unflipped views)."""
+    """(pixels, target) from the store: epoch e reads variant e mod V, its stored crop (or, in
+    a store without crops, the image decoded and cropped with that variant's recorded box);
+    targets in their stored width (`as_tensor`). With `hflip` > 0, image and target are
+    mirrored together (valid because the denoised target averages flipped and unflipped views)."""
 
     store: TargetStore | None = None
     hflip: float = 0.0
     seed: int = 0
+    _rejected: dict[int, set[int]] = field(default_factory=dict, init=False, repr=False)  # unit -> positions
 
     def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         unit, variant = self.units[unit_id], epoch % self.store.spec.variants
-        targets = self.store.read_rows(unit.start + np.asarray(positions, dtype=np.int64), variant)
-        boxes = self.store.read_boxes(slice(unit.start, unit.start + unit.count), variant)
+        positions = self._readable(unit, np.asarray(positions, dtype=np.int64))
+        rows = unit.start + positions
+        targets = self.store.read_rows(rows, variant)
         out = []
-        for p, data, target in zip(positions, self._images(unit, positions), targets):
-            pixels = self.preprocess.pixels(decode_rgb(data), boxes[p])
+        for p, pixels, target in zip(positions, self._pixels(unit, positions, rows, variant), targets):
             if self.hflip and np.random.default_rng([self.seed, epoch, unit.start + int(p)]).random() < self.hflip:
                 pixels, target = pixels.flip(-1), target.flip(1)
             out.append((pixels, target))
         return out
+
+    def _readable(self, unit: Unit, positions: np.ndarray) -> np.ndarray:
+        """`positions`, each image the teacher-cache stage rejected (its unit's marker lists
+        them; cache.on_bad_image: skip) replaced by the next readable one of the unit, so a
+        batch keeps its size and the plan its order."""
+        if unit.id not in self._rejected:
+            marker = self.store.marker(unit.id)
+            self._rejected[unit.id] = {r["index"] - unit.start for r in marker.get("rejected", [])}
+        bad = self._rejected[unit.id]
+        if not bad:
+            return positions
+        if len(bad) >= unit.count:
+            raise PipelineError(f"store {self.store.url}: every image of unit {unit.id} was rejected")
+        out = positions.copy()
+        for i, p in enumerate(out):
+            while p in bad:
+                p = (p + 1) % unit.count
+            out[i] = p
+        return out
+
+    def _pixels(self, unit: Unit, positions: np.ndarray, rows: np.ndarray, variant: int):
+        if self.store.has_crops:  # the bytes the teacher saw: nothing to decode
+            return self.store.read_crops(rows, variant)
+        boxes = self.store.read_boxes(slice(unit.start, unit.start + unit.count), variant)
+        return [self.preprocess.pixels(decode_rgb(data), boxes[p]) for p, data in zip(positions, self._images(unit, positions))]
 
 
 @dataclass
