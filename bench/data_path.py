@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ShardConfig, TeacherConfig
-from pipeline.data.images import Preprocess, crop_box
+from pipeline.data.images import Preprocess, crop_box, decode_rgb
 from pipeline.data.ingest import build_shard
 from pipeline.data.manifest import Manifest
 from pipeline.data.readers import in_order
@@ -82,18 +82,45 @@ def reference_corpus(root: str, storage_options=None, unit_rows: int = UNIT_ROWS
 
 
 def reference_store(root: str, manifest: Manifest, features: np.ndarray, storage_options=None,
-                    codec: str = "none") -> TargetStore:
-    """A complete float16 store whose rows are the reference features in turn, centre crops."""
+                    codec: str = "none", crops: bool = False) -> TargetStore:
+    """A complete float16 store whose rows are the reference features in turn, centre crops
+    (stored beside them with `crops`, as the teacher-cache stage stores them)."""
     spec = StoreSpec(teacher=describe_teacher(REFERENCE).to_dict(), counts=10, shift_frac=0.15, flip=True, seed=0,
                      dtype="float16", variants=1, crop="center", corpus_id=manifest.corpus_id, unit_rows=manifest.unit_rows)
-    store = TargetStore.create_or_open(root, spec, manifest.url, manifest.num_rows, storage_options, codec=codec)
-    size = Preprocess.from_dict(spec.teacher["preprocess"]).size
+    store = TargetStore.create_or_open(root, spec, manifest.url, manifest.num_rows, storage_options, codec=codec,
+                                       crops=crops)
+    pre = Preprocess.from_dict(spec.teacher["preprocess"])
     for unit in manifest.units():
-        images = fetch_images(manifest.record(unit.shard, storage_options), unit.positions, storage_options)
-        boxes = np.array([[crop_box(*Image.open(io.BytesIO(data)).size, size, "center")] for data in images])
+        images = [decode_rgb(d) for d in fetch_images(manifest.record(unit.shard, storage_options), unit.positions,
+                                                      storage_options)]
+        boxes = np.array([[crop_box(*img.size, pre.size, "center")] for img in images])
+        pixels = np.stack([pre.pixels(img, box[0]).numpy()[None] for img, box in zip(images, boxes)]) if crops else None
         feats = torch.from_numpy(np.stack([features[i % len(features)] for i in range(unit.count)])[:, None])
-        store.mark_complete(unit.id, {"images": unit.count, **store.write_unit(unit, feats, boxes)})
+        store.mark_complete(unit.id, {"images": unit.count, **store.write_unit(unit, feats, boxes, pixels)})
     return store
+
+
+def store_bytes_per_sample(store: TargetStore) -> int:
+    """What a distill reader must read per sample: one target row, plus its crop if stored."""
+    names = ["targets", *(["crops"] if store.has_crops else [])]
+    return sum(int(np.prod(store.group[n].shape[2:])) * store.group[n].dtype.itemsize for n in names)
+
+
+def raw_read_mb_per_s(store: TargetStore, reuse: bool = False, repeats: int = 3) -> float:
+    """Reading the store's files whole from the page cache, one thread: plain reads into new
+    memory (what reading bytes costs a reader), or with `reuse` into one buffer kept warm (the
+    page cache's copy speed alone)."""
+    files = [f for f in Path(store.zarr_url).rglob("*") if f.is_file() and f.name != "zarr.json"]
+    size = sum(f.stat().st_size for f in files)
+    buffer = bytearray(max(f.stat().st_size for f in files))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                fh.readinto(buffer) if reuse else fh.read()
+        times.append(time.perf_counter() - start)
+    return size / min(times) / 1e6
 
 
 def rate(batches, samples_of, warmup: int = 3) -> float:
@@ -181,6 +208,34 @@ def moto_range_read_ms(s3, megabytes: int) -> float:
     return round((time.perf_counter() - start) / 5 * 1e3, 1)
 
 
+def crop_reader_figures(made: list, with_crops: dict[str, TargetStore]) -> dict:
+    """Distill readers of stores with crops (nothing decoded: a target row and a crop row per
+    sample), against the bytes bound: bytes per sample over the speed of plain reads of the
+    store's files (and over the page cache's copy speed, the bound no reader reaches)."""
+    out = {}
+    for where, suffix, options, manifest, _ in made:
+        if suffix not in with_crops:
+            continue
+        store = with_crops[suffix]
+        for readers, key in ((1, ""), (2, "_2_readers")):
+            out[f"distill_reader_samples_per_s_crops{key}{suffix}"] = best(lambda: distill_rate(manifest, store, options, readers))
+        if where == "local":
+            out["distill_reader_samples_per_s_crops_thread"] = best(lambda: distill_rate(manifest, store, options, 0))
+            per_sample = store_bytes_per_sample(store)
+            out["distill_reader_bytes_per_sample_crops"] = per_sample
+            out["cache_crop_bytes_per_image"] = per_sample - store_bytes_per_sample(made[0][4])
+            out["store_plain_read_mb_per_s"] = round(max(raw_read_mb_per_s(store) for _ in range(3)), 1)
+            out["store_warm_copy_mb_per_s"] = round(max(raw_read_mb_per_s(store, reuse=True) for _ in range(3)), 1)
+            out["distill_reader_bytes_bound_samples_per_s"] = round(out["store_plain_read_mb_per_s"] * 1e6 / per_sample, 1)
+            out["distill_reader_copy_bound_samples_per_s"] = round(out["store_warm_copy_mb_per_s"] * 1e6 / per_sample, 1)
+            rate = out["distill_reader_samples_per_s_crops"]
+            out["distill_reader_fraction_of_bytes_bound"] = round(rate / out["distill_reader_bytes_bound_samples_per_s"], 2)
+            out["distill_reader_fraction_of_copy_bound"] = round(rate / out["distill_reader_copy_bound_samples_per_s"], 2)
+        out[f"distill_reader_scaling_2_readers_crops{suffix}"] = round(
+            out[f"distill_reader_samples_per_s_crops_2_readers{suffix}"] / out[f"distill_reader_samples_per_s_crops{suffix}"], 2)
+    return out
+
+
 def data_path(work: Path, s3) -> dict:
     """Readers' capacity at the reference size: 1 and 2 reader processes, local store and S3
     (`*_s3`), distill and teacher-cache; then, locally, what each technique changes (a thread
@@ -193,14 +248,17 @@ def data_path(work: Path, s3) -> dict:
     folder = work / "data_path"
     shutil.rmtree(folder, ignore_errors=True)
     layouts = (("local", UNIT_ROWS, ""), ("s3", UNIT_ROWS, "_s3"), ("s3", 8, "_s3_8_row_units"))
-    made = []  # everything is written first: the disk's write-back then no longer competes with the readers
+    made, with_crops = [], {}  # everything is written first: the disk's write-back then no longer competes with the readers
     for where, unit_rows, suffix in layouts:
         options = s3.options if where == "s3" else {}
         root = f"{s3.bucket(f'bench-data-path-{unit_rows}')}/data" if where == "s3" else str(folder / "local")
         manifest = reference_corpus(root, options, unit_rows)
         made.append((where, suffix, options, manifest, reference_store(join_url(root, "cache"), manifest, features, options)))
+        if unit_rows == UNIT_ROWS:
+            with_crops[suffix] = reference_store(join_url(root, "cache-crops"), manifest, features, options, crops=True)
     zstd = reference_store(str(folder / "zstd"), made[0][3], features, codec="zstd")
     os.sync()
+    out.update(crop_reader_figures(made, with_crops))
     for where, suffix, options, manifest, store in made:
         for readers, key in ((1, ""), (2, "_2_readers")):
             out[f"distill_reader_samples_per_s{key}{suffix}"] = best(lambda: distill_rate(manifest, store, options, readers))

@@ -4,8 +4,13 @@ DINOv2 ViT-B/14 at 518 px with random weights, on the `data_path` reference corp
 - teacher cache: images/s of `TeacherTargets` (10 views per image, bf16 autocast, two reader
   processes) over whole units after a warm-up unit, and its fraction of the bound set by the
   bare teacher forward on batches of the same shape;
+- where a teacher-cache batch's time goes (a synchronisation after each phase: reader wait,
+  copy and normalise, views, forward, recovery, the sink's encode and copy), the forward's
+  TFLOP/s, and the forward eager against `cache.compile`;
 - distillation: samples/s of the distill stage (one Ray Train worker on the GPU, two reader
-  processes) and the fraction of step time it waited for data.
+  processes) and the fraction of step time it waited for data, reading the stored crops (the
+  default) and, for the same run's ratio, decoding each image (a store without crops); and the
+  online regime (targets computed in every step) for the cached-vs-online speed-up end to end.
 """
 from __future__ import annotations
 
@@ -43,6 +48,42 @@ def forward_images_per_s(computer: TeacherTargets, repeats: int = 10) -> float:
     return repeats * BATCH_IMAGES / (time.perf_counter() - start)
 
 
+def phases(computer: TeacherTargets, manifest, units) -> dict:
+    """Milliseconds per batch of each phase of the teacher-cache loop, the GPU synchronised
+    after each (so their sum exceeds the overlapped loop's time)."""
+    from pipeline.data.readers import in_order
+    from pipeline.targets.sink import UnitSink
+    from pipeline.targets.teacher_targets import UnitViews, view_jobs
+    from pipeline.targets.tta import recover, render_views
+
+    jobs = view_jobs(units, computer.spec.variants, BATCH_IMAGES)
+    batches = in_order(UnitViews(manifest, computer.spec, computer.preprocess, jobs), len(jobs), READERS, 2, pin_memory=True)
+    sink, spent = UnitSink(computer.store, computer.device), {}
+
+    def timed(name, fn):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    for unit, pairs in jobs:
+        rows, variants, pixels, box, offsets, flips, bad = timed("reader_wait", lambda: next(batches))
+        if pairs[0] == (0, 0):
+            sink.begin(unit)
+        images = timed("copy_normalise", lambda: computer.preprocess.normalize(pixels.to("cuda", non_blocking=True)))
+        views = timed("views", lambda: render_views(images, offsets.numpy(), flips.numpy(), computer.patch, computer.fill))
+        tokens = timed("forward", lambda: computer.features(views.flatten(0, 1)))
+        targets = timed("recover", lambda: recover(tokens.view(*views.shape[:2], *tokens.shape[1:]), offsets.numpy(),
+                                                   flips.numpy())[0])
+        timed("sink_add", lambda: sink.add(pairs[0][0] * computer.spec.variants + pairs[0][1], targets, box, pixels))
+        if pairs[-1] == (unit.count - 1, computer.spec.variants - 1):
+            sink.end(unit)
+    sink.drain()
+    return {f"gpu_teacher_phase_ms_{name}": round(1e3 * s / len(jobs), 2) for name, s in spent.items()}
+
+
 def gpu(work: Path) -> dict:
     from bench.run import _steady_rate
     from stages import distill
@@ -53,7 +94,7 @@ def gpu(work: Path) -> dict:
     manifest = reference_corpus(str(work / "gpu" / "corpus"))
     cfg = _config(work, manifest.url)
     spec = store_spec(cfg, describe_teacher(cfg.teacher), manifest)
-    store = TargetStore.create_or_open(cfg.cache_root, spec, manifest.url, manifest.num_rows)
+    store = TargetStore.create_or_open(cfg.cache_root, spec, manifest.url, manifest.num_rows, crops=True)
     computer = TeacherTargets(cfg.teacher, store, manifest, BATCH_IMAGES, device="cuda", readers=READERS)
     units = manifest.units()
     computer.compute_units(units[:1])  # warm-up: cuDNN autotuning, reader start-up
@@ -61,20 +102,46 @@ def gpu(work: Path) -> dict:
     computer.compute_units(units[1:])
     cache_rate = sum(u.count for u in units[1:]) / (time.perf_counter() - start)
     bound = forward_images_per_s(computer)
-    del computer
+    breakdown = phases(computer, manifest, units[1:2])
+    compiled = TeacherTargets(cfg.teacher, store, manifest, BATCH_IMAGES, device="cuda", readers=READERS, compile=True)
+    forward_images_per_s(compiled, repeats=2)  # compiles
+    compiled_bound = forward_images_per_s(compiled)
+    del computer, compiled
+    plain = TargetStore.create_or_open(str(work / "gpu" / "plain"), spec, manifest.url, manifest.num_rows)
+    TeacherTargets(cfg.teacher, plain, manifest, BATCH_IMAGES, device="cuda", readers=READERS).compute_units(units)
     torch.cuda.empty_cache()
 
-    run = _config(work, manifest.url, **{"distill.store": store.url, "distill.use_gpu": True, "distill.num_workers": 1,
-                                         "distill.cpus_per_worker": READERS + 1, "distill.batch_size": 8,
-                                         "distill.epochs": 3, "distill.log_every": 4, "distill.checkpoint_every": 1000,
-                                         "student.name": "gpu-bench"})
-    distill.run(run)
-    samples_per_s, waited = _steady_rate(join_url(run.students_url, "gpu-bench"))
+    rates = {}
+    for name, source in (("gpu-bench", store), ("gpu-bench-decoding", plain)):
+        run = _config(work, manifest.url, **{"distill.store": source.url, "distill.use_gpu": True, "distill.num_workers": 1,
+                                             "distill.cpus_per_worker": READERS + 1, "distill.batch_size": 8,
+                                             "distill.epochs": 3, "distill.log_every": 4,
+                                             "distill.checkpoint_every": 1000, "student.name": name})
+        distill.run(run)
+        rates[name] = _steady_rate(join_url(run.students_url, name))
+    (samples_per_s, waited), (decoding, decoding_waited) = rates["gpu-bench"], rates["gpu-bench-decoding"]
+    online = _config(work, manifest.url, **{"distill.targets": "online", "distill.use_gpu": True, "distill.num_workers": 1,
+                                            "distill.cpus_per_worker": READERS + 1, "distill.batch_size": 8,
+                                            "distill.epochs": 1, "distill.log_every": 4,
+                                            "distill.checkpoint_every": 1000, "student.name": "gpu-bench-online"})
+    distill.run(online)
+    online_rate, _ = _steady_rate(join_url(online.students_url, "gpu-bench-online"))
+    from bench.run import flops
+
+    tflop_per_image = flops()["vitb14_518_tflops_per_image_10_views"]
     return {
+        **breakdown,
+        "gpu_teacher_forward_tflops": round(bound * tflop_per_image, 1),
+        "gpu_teacher_forward_compiled_images_per_s": round(compiled_bound, 2),
+        "gpu_teacher_forward_compiled_speedup": round(compiled_bound / bound, 3),
+        "gpu_distill_online_samples_per_s": round(online_rate, 2),
+        "gpu_distill_cached_vs_online": round(samples_per_s / online_rate, 2),
         "gpu_name": torch.cuda.get_device_name(0),
         "gpu_teacher_cache_images_per_s": round(cache_rate, 2),
         "gpu_teacher_forward_bound_images_per_s": round(bound, 2),
         "gpu_teacher_cache_fraction_of_bound": round(cache_rate / bound, 3),
         "gpu_distill_samples_per_s": round(samples_per_s, 2),
         "gpu_distill_data_wait_fraction": round(waited, 4),
+        "gpu_distill_samples_per_s_decoding": round(decoding, 2),
+        "gpu_distill_data_wait_fraction_decoding": round(decoding_waited, 4),
     }

@@ -6,6 +6,8 @@ and noisy). BENCHMARKS.md summarises a run and names the command that produced i
 
     python -m bench.run                      # everything
     python -m bench.run --only storage,planning
+    python -m bench.run --only scale         # the control plane at 1M and 10M images (bench/scale.py)
+    python -m bench.run --only teacher_sink  # a teacher actor's targets into the store (bench/sink.py)
 """
 from __future__ import annotations
 
@@ -414,6 +416,18 @@ def data_path(work: Path, s3: S3) -> dict:
     return measure(work, s3)
 
 
+def scale(work: Path, s3: S3) -> dict:
+    from bench.scale import scale as measure
+
+    return measure(work, s3)
+
+
+def teacher_sink(work: Path, s3: S3) -> dict:
+    from bench.sink import teacher_sink as measure
+
+    return measure(work, s3)
+
+
 def gpu(work: Path) -> dict:
     from bench.gpu import gpu as measure
 
@@ -422,11 +436,12 @@ def gpu(work: Path) -> dict:
 
 SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,
             "teacher_cache": teacher_cache, "distill": distill_speed, "planted": planted, "caching": caching_price,
-            "neuron_planted": neuron_planted, "zeroshot": zeroshot, "data_path": data_path, "gpu": gpu}
+            "neuron_planted": neuron_planted, "zeroshot": zeroshot, "data_path": data_path, "teacher_sink": teacher_sink,
+            "scale": scale, "gpu": gpu}
 
 # Sections that time processes of their own and use no Ray: Ray's idle daemons would take CPU
 # from them on a 2-core machine (2 readers scaled 1.77x beside a running Ray, 1.82x without).
-WITHOUT_RAY = {"data_path"}
+WITHOUT_RAY = {"data_path", "teacher_sink", "scale"}
 
 
 def main() -> None:

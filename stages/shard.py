@@ -52,12 +52,47 @@ def resolve_sources(cfg: Config) -> list[str]:
     return sources
 
 
+# Per-image fields of a shard's record that only readers use (they read the records
+# themselves): the driver does not keep them.
+READER_FIELDS = ("keys", "offsets", "sizes")
+RECORD_BATCH = 512  # records read at once (about 50 KB each at 256 images): bounds the raw bytes held
+
+
 def finished_records(out: str, shard_ids, storage_options) -> dict[int, dict]:
-    """Records of the planned shards that are done: one listing, then one batch of reads."""
+    """Records of the planned shards that are done: one listing, then batches of reads.
+
+    The driver keeps what it uses of each (digest, counts, inputs, sources and hashes for the
+    run's report), not the per-image keys and byte ranges (READER_FIELDS), and shares names
+    instead of copying them: a record's sources are its inputs' string objects, and with a
+    plan ({shard: inputs}) for `shard_ids` its inputs are the plan's list when they are equal.
+    Resuming 10M images in shards of 256 peaks at 3.3 GB instead of 8.5 (bench `scale`)."""
     present = set(list_names(out, storage_options))
-    urls = {s: record_url(out, s) for s in shard_ids if record_url(out, s).rsplit("/", 1)[-1] in present}
-    loaded = read_json_many(list(urls.values()), storage_options)
-    return {s: loaded[u] for s, u in urls.items()}
+    urls = [(s, record_url(out, s)) for s in shard_ids]
+    urls = [(s, u) for s, u in urls if u.rsplit("/", 1)[-1] in present]
+    plan = shard_ids if isinstance(shard_ids, dict) else {}
+    records = {}
+    for i in range(0, len(urls), RECORD_BATCH):
+        batch = urls[i:i + RECORD_BATCH]
+        loaded = read_json_many([u for _, u in batch], storage_options)
+        for s, u in batch:
+            records[s] = _driver_record(loaded.pop(u), plan.get(s))
+    return records
+
+
+def _driver_record(record: dict, planned: list[str] | None) -> dict:
+    for name in READER_FIELDS:
+        record.pop(name, None)
+    inputs = record.get("inputs")
+    if inputs is not None and planned is not None and inputs == planned:
+        record["inputs"] = inputs = planned
+    sources = record.get("sources")
+    if inputs is not None and sources:
+        if sources == inputs:  # nothing rejected
+            record["sources"] = inputs
+        else:
+            same = {name: name for name in inputs}
+            record["sources"] = [same.get(name, name) for name in sources]
+    return record
 
 
 def make_plan(cfg: Config, inputs: list[str], kind: str) -> tuple[dict[int, list[str]], int, dict[int, dict]]:

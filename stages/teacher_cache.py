@@ -13,12 +13,12 @@ from ray.util import ActorPool
 
 from pipeline.config import Config
 from pipeline.data.manifest import Manifest, Unit
-from pipeline.data.readers import default_readers
 from pipeline.models.vit import describe_teacher
+from pipeline.placement import default_readers, fits_on, plan_workers
 from pipeline.targets.lease import Lease
 from pipeline.targets.store import TargetStore, store_spec
 from pipeline.targets.teacher_targets import TeacherTargets
-from stages.runtime import cluster_cpus, cluster_gpus, init_ray, progress, say
+from stages.runtime import cluster_gpus, cluster_nodes, init_ray, progress, say
 from stages.tracking import log_cache_run
 
 
@@ -29,10 +29,11 @@ class CacheActor:
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not use_gpu:
             torch.set_num_threads(cfg.cache.threads_per_actor or max(1, int(cfg.cache.cpus_per_actor)))
-        readers = default_readers(cfg.cache.readers, use_gpu)
+        readers = default_readers(cfg.cache.readers, use_gpu, cfg.cache.cpus_per_actor)
         self.targets = TeacherTargets(
             cfg.teacher, store, manifest, cfg.cache.batch_images, cfg.cache.prefetch,
             device="cuda" if use_gpu else "cpu", storage_options=cfg.storage.storage_options, readers=readers,
+            skip_bad=cfg.cache.on_bad_image == "skip", compile=cfg.cache.compile,
         )
 
     def compute(self, units: list) -> list[dict]:
@@ -42,7 +43,7 @@ class CacheActor:
 def open_store(cfg: Config, manifest: Manifest) -> TargetStore:
     spec = store_spec(cfg, describe_teacher(cfg.teacher, cfg.storage.storage_options), manifest)
     return TargetStore.create_or_open(cfg.cache_root, spec, manifest.url, manifest.num_rows, cfg.storage.storage_options,
-                                      codec=cfg.cache.codec)
+                                      codec=cfg.cache.codec, crops=cfg.cache.store_crops)
 
 
 def plan(cfg: Config) -> tuple[Manifest, TargetStore, list[Unit]]:
@@ -54,7 +55,8 @@ def plan(cfg: Config) -> tuple[Manifest, TargetStore, list[Unit]]:
     todo = [u for u in units if u.id not in done]
     say(f"teacher-cache: {cfg.teacher.model} -> {store.url}\n"
         f"  {manifest.num_images} images in {len(units)} units, {len(todo)} to compute "
-        f"({len(units) - len(todo)} already complete), {cfg.tta.counts} views, {cfg.cache.variants} variant(s), {cfg.cache.dtype}")
+        f"({len(units) - len(todo)} already complete), {cfg.tta.counts} views, {cfg.cache.variants} variant(s), {cfg.cache.dtype}"
+        f"{', crops stored' if store.has_crops else ', no crops (students decode images)'}")
     return manifest, store, todo
 
 
@@ -64,8 +66,13 @@ def compute(cfg: Config, store: TargetStore, manifest: Manifest, todo: list[Unit
     if not todo:
         return {"images": 0, "units": 0, "actors": 0, "seconds": 0.0, "images_per_s": 0.0, "stored_bytes": 0}
     init_ray()
-    use_gpu = cfg.cache.use_gpu if cfg.cache.use_gpu is not None else cluster_gpus() >= 1
-    n = cfg.cache.num_actors or (max(1, int(cluster_gpus())) if use_gpu else max(1, int(cluster_cpus() // cfg.cache.cpus_per_actor)))
+    c = cfg.cache
+    use_gpu = c.use_gpu if c.use_gpu is not None else cluster_gpus() >= 1
+    nodes = cluster_nodes()
+    # on CPUs, auto is as many actors as the nodes hold
+    n = plan_workers("cache.num_actors", c.num_actors, use_gpu, c.cpus_per_actor, nodes,
+                     cpu_default=max(1, sum(fits_on(node, c.cpus_per_actor, False) for node in nodes)),
+                     autoscaling=cfg.cluster.autoscaling)
     n = min(n, len(todo))
     options = {"num_cpus": cfg.cache.cpus_per_actor, **({"num_gpus": 1} if use_gpu else {})}
     actors = [CacheActor.options(**options).remote(cfg, store, manifest) for _ in range(n)]
@@ -93,7 +100,9 @@ def run(cfg: Config) -> TargetStore:
     manifest, store, todo = plan(cfg)
     if todo:
         with Lease(store.url, cfg.storage.storage_options, ttl=cfg.cache.lease_seconds, what="teacher-cache run"):
-            stats = compute(cfg, store, manifest, [u for u in todo if u.id not in store.completed()])
+            # one listing (not one per unit): units another run finished since `plan`
+            done = store.completed()
+            stats = compute(cfg, store, manifest, [u for u in todo if u.id not in done])
         say(f"teacher-cache: {stats['images']} images in {stats['seconds']:.1f} s "
             f"({stats['images_per_s']:.2f} img/s on {stats['actors']} actor(s)) -> {store.url}")
         log_cache_run(cfg, store.spec.fingerprint, store.url, stats)

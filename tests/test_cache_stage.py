@@ -112,12 +112,44 @@ def test_variants_have_their_own_crops_and_views(corpus, tmp_path):
     assert np.array_equal(target1.float().numpy(), store.read(slice(0, 1), 1)[0])  # ... with that variant's target
 
 
+def test_stored_crops_are_the_pixels_the_teacher_saw(corpus, tmp_path):
+    """cache.store_crops (the default) keeps each row's uint8 crop: students read, bit for bit,
+    what a store without crops makes them decode; both kinds have one fingerprint, and list,
+    verify and the digest in each marker cover the crops."""
+    root = _cache(corpus, tmp_path)
+    with_crops = teacher_cache.run(tiny_config(corpus, **{"cache.root": f"{root}/a"}))
+    plain = teacher_cache.run(tiny_config(corpus, **{"cache.root": f"{root}/b", "cache.store_crops": False}))
+    assert with_crops.has_crops and not plain.has_crops
+    assert with_crops.spec.fingerprint == plain.spec.fingerprint
+    assert with_crops.group["crops"].shape == (12, 1, 3, 64, 64) and "crops" not in plain.group
+    marker = with_crops.marker(0)
+    assert marker["crop_bytes"] == 4 * 3 * 64 * 64 and "crop_bytes" not in plain.marker(0)
+
+    manifest = Manifest.load(tiny_config(corpus).shards_url)
+    pre = Preprocess.from_dict(with_crops.spec.teacher["preprocess"])
+    plan = [(u.id, np.arange(u.count)[::-1]) for u in manifest.units()]
+    a = list(CachedPairs(manifest, pre, store=with_crops).examples(plan, 0))
+    b = list(CachedPairs(manifest, pre, store=plain).examples(plan, 0))
+    assert len(a) == len(b) == 12
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+    kinds = {r["crops"] for r in caches.list_caches(tiny_config(corpus, **{"cache.root": f"{root}/a"}))}
+    assert kinds == {True}
+    cfg = tiny_config(corpus, **{"cache.root": f"{root}/a"})
+    assert caches.verify(cfg) == []
+    crops = zarr.open_group(with_crops.zarr_url, mode="r+")["crops"]
+    crops[5, 0, 0, 0, 0] = crops[5, 0, 0, 0, 0] ^ 1  # one bit of one pixel
+    with pytest.raises(PipelineError, match="unit 1 .*stored data differ"):
+        caches.verify(cfg)
+
+
 def test_xarray_reads_the_store(corpus, tmp_path):
     xr = pytest.importorskip("xarray")
     store = teacher_cache.run(tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path)}))
     ds = xr.open_zarr(store.zarr_url, zarr_format=3, consolidated=False)
     assert ds["targets"].dims == ("row", "variant", "y", "x", "channel")
     assert ds["targets"].shape == (12, 1, 4, 4, 48)
+    assert ds["crops"].dims == ("row", "variant", "rgb", "pixel_y", "pixel_x") and ds["crops"].shape == (12, 1, 3, 64, 64)
 
 
 def _flags(cfg) -> list[str]:
@@ -160,6 +192,26 @@ def _files(root: str) -> dict[str, tuple[int, int]]:
             for d, _, names in os.walk(root) for n in names}
 
 
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def is_ray_agent(title: str) -> bool:
+    return title.startswith(RAY_AGENTS) or "dashboard/agent.py" in title or "runtime_env/agent/main.py" in title
+
+
+def test_ray_agents_are_recognised_by_their_full_title():
+    assert is_ray_agent("ray::DashboardAgent") and is_ray_agent("ray::RuntimeEnvAgent --foo")
+    assert not is_ray_agent("ray::CacheActor.compute") and not is_ray_agent("ray::raylet")
+    # a live process titled like the agent: its command line carries the whole title
+    agent = subprocess.Popen(["bash", "-c", "exec -a ray::DashboardAgent sleep 30"])
+    try:
+        time.sleep(0.3)
+        assert is_ray_agent(" ".join(psutil.Process(agent.pid).cmdline()))
+    finally:
+        agent.kill()
+        agent.wait()
+
+
 def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_path, ray_local):
     # A heavier teacher (12 blocks at 224 px) so that the run is killed part-way.
     settings = {"shard.sample_size": 16, "shard.shard_size": 2, "teacher.img_size": 224,
@@ -187,13 +239,14 @@ def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_
     _, alive = psutil.wait_procs(tree, timeout=60)
     # Ray's per-node agents (dashboard, runtime env) can linger after their raylet died; they
     # hold no data and write nothing. Everything else (GCS, raylet, workers, actors) must be gone.
-    agents = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
-    names = {}
+    orphans = []
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
-            names[p.pid] = p.name()
+            # the full title: Linux truncates p.name() to 15 characters ("ray::DashboardA")
+            title = " ".join(p.cmdline())
             p.kill()
-    orphans = [(pid, name) for pid, name in names.items() if name not in agents]
+            if not is_ray_agent(title):
+                orphans.append((p.pid, title))
     assert not orphans, f"processes outlived the killed driver: {orphans}"
     written = _files(killed_root)
     time.sleep(3)

@@ -111,8 +111,8 @@ def test_teacher_targets_on_the_gpu_match_each_image_alone(gpu_run):
     views = UnitViews(manifest, store.spec, computer.preprocess, jobs)
     stored = torch.from_numpy(store.read(slice(0, len(jobs)), 0))
     for i in range(len(jobs)):
-        ((row, _, pixels, _, offsets, flips),) = views(i)
-        alone = computer.targets(pixels[None], offsets[None], flips[None])[0]
+        ((row, _, pixels, _, offsets, flips, _),) = views(i)
+        alone = computer.targets(pixels[None], offsets[None], flips[None])[0].cpu()
         assert torch.nn.functional.cosine_similarity(alone, stored[row], dim=-1).min() > 0.99
 
 

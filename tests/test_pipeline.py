@@ -133,7 +133,7 @@ def test_targets_identical_across_runs_and_worker_counts(tmp_path, ray_local):
     jobs = view_jobs(manifest.units(), a.spec.variants, 1)
     views = UnitViews(manifest, a.spec, computer.preprocess, jobs)
     for i, (unit, _) in enumerate(jobs):
-        ((row, variant, pixels, box, offsets, flips),) = views(i)
+        ((row, variant, pixels, box, offsets, flips, _),) = views(i)
         index = unit.start + row
         direct = computer.targets(pixels[None], offsets[None], flips[None])[0].half().numpy()
         assert np.array_equal(direct, ta[index, variant]), (index, variant)

@@ -136,3 +136,57 @@ def test_non_equivariant_teacher_is_averaged():
     # patch 0 is seen at position 0 (bias 0) and, shifted right, at position 1 (bias 10)
     # patch 1 is seen only at position 1 in view 0 (its shifted copy fell off the image)
     assert target[0, 0, :, 0].tolist() == [5.0, 10.0]
+
+
+# The loop-per-view functions the vectorised ones replaced, kept as their specification.
+def _slices(shift: int, size: int) -> tuple[slice, slice]:
+    return slice(max(shift, 0), size + min(shift, 0)), slice(max(-shift, 0), size - max(shift, 0))
+
+
+def _render_views_by_loop(images, offsets, flips, patch, fill):
+    B, C, H, W = images.shape
+    V = offsets.shape[1]
+    views = fill.to(images).view(1, 1, C, 1, 1).expand(B, V, C, H, W).clone()
+    for b in range(B):
+        for v in range(V):
+            dy, dx = int(offsets[b, v, 0]) * patch[0], int(offsets[b, v, 1]) * patch[1]
+            (ry, sy), (rx, sx) = _slices(dy, H), _slices(dx, W)
+            views[b, v, :, ry, rx] = images[b, :, sy, sx]
+            if flips[b, v]:
+                views[b, v] = views[b, v].flip(-1)
+    return views
+
+
+def _recover_by_loop(tokens, offsets, flips):
+    B, V, gh, gw, D = tokens.shape
+    total = torch.zeros(B, gh, gw, D)
+    seen = torch.zeros(B, gh, gw)
+    for b in range(B):
+        for v in range(V):
+            t = tokens[b, v].float()
+            if flips[b, v]:
+                t = t.flip(1)
+            dy, dx = int(offsets[b, v, 0]), int(offsets[b, v, 1])
+            (vy, oy), (vx, ox) = _slices(dy, gh), _slices(dx, gw)
+            total[b, oy, ox] += t[vy, vx]
+            seen[b, oy, ox] += 1
+    return total / seen.clamp(min=1).unsqueeze(-1), seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_views_and_recovery_equal_the_loop_per_view(seed):
+    """One gather for all views and one for the recovery give the loop's views bit for bit and
+    its targets within float32 rounding (only the summation order over views may differ), on
+    random shifts up to the whole grid (views that are all infill included), flips, a
+    non-square grid and patch."""
+    rng = np.random.default_rng(seed)
+    B, V, patch, grid, C, D = 3, 7, (3, 2), (4, 5), 3, 6
+    offsets = np.stack([rng.integers(-grid[0], grid[0] + 1, (B, V)), rng.integers(-grid[1], grid[1] + 1, (B, V))], -1)
+    flips = rng.random((B, V)) < 0.5
+    images = torch.randn(B, C, grid[0] * patch[0], grid[1] * patch[1])
+    fill = torch.tensor([0.5, -1.0, 2.0])
+    assert torch.equal(render_views(images, offsets, flips, patch, fill), _render_views_by_loop(images, offsets, flips, patch, fill))
+    tokens = torch.randn(B, V, *grid, D)
+    (mean, seen), (want_mean, want_seen) = recover(tokens, offsets, flips), _recover_by_loop(tokens, offsets, flips)
+    assert torch.equal(seen, want_seen)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)

@@ -6,14 +6,15 @@ One `TeacherTargets` holds a loaded teacher and keeps it busy across a list of u
   prepare each pair's uint8 crop and views, running ahead across unit boundaries;
 - the caller's thread normalises the crops on the model's device, runs all views of the
   batch in one forward and recovers the targets;
-- a writer thread writes each finished unit's rows and only then marks the unit complete,
-  while the next unit is computed.
+- a `UnitSink` encodes the targets on that device and copies them, with the boxes and (in a
+  store with crops) the uint8 crops the teacher saw, into a host buffer laid out as the unit's
+  shard; a writer thread writes each finished unit and only then marks it complete, while the
+  next unit is computed.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.data.readers import in_order
 from pipeline.data.shards import fetch_images
 from pipeline.errors import PipelineError
 from pipeline.models.vit import load_teacher, patch_features
+from pipeline.targets.sink import UnitSink
 from pipeline.targets.store import StoreSpec, TargetStore
 from pipeline.targets.tta import denoise, max_shifts, sample_views, view_rng
 
@@ -57,38 +59,65 @@ def view_jobs(units: list[Unit], variants: int, batch_images: int) -> list[tuple
     return jobs
 
 
+# Why an image of a shard was rejected by the teacher-cache stage (`cache.on_bad_image: skip`).
+BAD_IMAGE = {1: "the shard's file ends before its bytes (truncated)", 2: "its bytes no longer decode"}
+
+
 @dataclass
 class UnitViews:
     """Loads job i of `jobs` for `in_order`: one ranged read of its images, each decoded once,
-    then (row, variant, pixels, box, offsets, flips) of each (image, variant)."""
+    then (row, variant, pixels, box, offsets, flips, bad) of each (image, variant). An image
+    that no longer decodes (a shard cut short or overwritten after sharding) stops the stage
+    with its shard, unit and key, or with `skip_bad`, comes as `bad` (a BAD_IMAGE code) with
+    blank pixels and views, for the sink to record as rejected."""
 
     manifest: Manifest
     spec: StoreSpec
     preprocess: Preprocess
     jobs: list[tuple[Unit, list[tuple[int, int]]]]
     storage_options: dict | None = None
+    skip_bad: bool = False
 
     def __call__(self, i: int) -> list[tuple]:
         unit, pairs = self.jobs[i]
         rows = sorted({row for row, _ in pairs})
-        data = fetch_images(self.manifest.record(unit.shard, self.storage_options), [unit.first + r for r in rows],
-                            self.storage_options)
-        images = {row: decode_rgb(d) for row, d in zip(rows, data)}
-        items = [prepare(images[row], unit.start + row, variant, self.spec, self.preprocess, row) for row, variant in pairs]
-        return [(it.row, it.variant, it.pixels, np.float32(it.box), it.offsets, it.flips) for it in items]
-
-
-def node_id() -> str | None:
-    """The Ray node this runs on (recorded with each unit), None outside Ray."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        record = self.manifest.record(unit.shard, self.storage_options)
+        where = f"shard {unit.shard} ({record.tar}), unit {unit.id}"
+        try:
+            data = fetch_images(record, [unit.first + r for r in rows], self.storage_options)
+        except FileNotFoundError:
+            raise PipelineError(f"{where}: the shard's file is missing") from None
+        images, bad = {}, {}
+        for row, d in zip(rows, data):
+            position = unit.first + row
+            try:
+                bad[row] = 1 if len(d) != record.sizes[position] else 0
+                if not bad[row]:
+                    images[row] = decode_rgb(d)
+            except Exception as e:  # noqa: BLE001 - whatever the decoder says, the image is unusable
+                bad[row], cause = 2, f": {type(e).__name__}: {e}"
+            if bad[row] and not self.skip_bad:
+                detail = cause if bad[row] == 2 else ""
+                raise PipelineError(f"{where}, image {record.keys[position]!r} (global index {unit.start + row}): "
+                                    f"{BAD_IMAGE[bad[row]]}{detail}. Set cache.on_bad_image: skip to record it as "
+                                    f"rejected and go on")
+        out = []
+        for row, variant in pairs:
+            if bad[row]:
+                blank = (torch.zeros(3, *self.preprocess.size, dtype=torch.uint8), np.zeros(4, np.float32),
+                         np.zeros((self.spec.counts, 2), np.int64), np.zeros(self.spec.counts, bool))
+                out.append((row, variant, *blank, bad[row]))
+            else:
+                it = prepare(images[row], unit.start + row, variant, self.spec, self.preprocess, row)
+                out.append((it.row, it.variant, it.pixels, np.float32(it.box), it.offsets, it.flips, 0))
+        return out
 
 
 class TeacherTargets:
     def __init__(self, teacher_cfg: TeacherConfig, store: TargetStore, manifest: Manifest, batch_images: int = 4,
-                 prefetch_batches: int = 2, device: str | torch.device = "cpu", storage_options=None, readers: int = 0):
-        self.store, self.manifest, self.spec = store, manifest, store.spec
+                 prefetch_batches: int = 2, device: str | torch.device = "cpu", storage_options=None, readers: int = 0,
+                 skip_bad: bool = False, compile: bool = False):
+        self.store, self.manifest, self.spec, self.skip_bad = store, manifest, store.spec, skip_bad
         self.batch_images, self.prefetch_batches, self.readers = batch_images, prefetch_batches, readers
         self.device = torch.device(device)
         self.storage_options = storage_options
@@ -96,53 +125,63 @@ class TeacherTargets:
         self.preprocess = Preprocess.from_dict(self.spec.teacher["preprocess"])
         self.patch = tuple(self.spec.teacher["patch"])
         self.fill = self.preprocess.white().to(self.device)
+        self._sink: UnitSink | None = None  # made at the first units, kept: its buffers are large
+        # batches have one shape (a unit's last may be smaller: one more compilation)
+        self._features = torch.compile(self._eager_features) if compile else self._eager_features
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def _eager_features(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
+        with autocast:
             return patch_features(self.model, x).float()
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._features(x)
+
     def targets(self, pixels: torch.Tensor, offsets, flips) -> torch.Tensor:
-        """Denoised targets (n, gh, gw, D) float32 on the CPU of uint8 crops (n, 3, H, W) and
-        their views (n, counts, 2), (n, counts)."""
+        """Denoised targets (n, gh, gw, D) float32 on the model's device of uint8 crops
+        (n, 3, H, W) and their views (n, counts, 2), (n, counts)."""
         images = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
-        return denoise(self.features, images, np.asarray(offsets), np.asarray(flips), self.patch, self.fill).cpu()
+        return denoise(self.features, images, np.asarray(offsets), np.asarray(flips), self.patch, self.fill)
 
     def compute_units(self, units: list[Unit]) -> list[dict]:
         """Compute, write and mark complete every unit not complete yet (a retried task skips
         what it already finished). Returns the statistics of the units written."""
-        done = self.store.completed()
+        done = self.store.completed_among([u.id for u in units])
         todo = [u for u in units if u.id not in done]
-        V, (gh, gw), D = self.spec.variants, self.spec.grid, self.spec.dim
+        V = self.spec.variants
         jobs = view_jobs(todo, V, self.batch_images)
-        load = UnitViews(self.manifest, self.spec, self.preprocess, jobs, self.storage_options)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
-            pending, results = [], []
-            current, out, boxes, compute, started = None, None, None, 0.0, 0.0
-            batches = in_order(load, len(jobs), self.readers, self.prefetch_batches, pin_memory=self.device.type == "cuda")
+        load = UnitViews(self.manifest, self.spec, self.preprocess, jobs, self.storage_options, self.skip_bad)
+        batches = in_order(load, len(jobs), self.readers, self.prefetch_batches, pin_memory=self.device.type == "cuda")
+        if self._sink is None:
+            self._sink = UnitSink(self.store, self.device)
+        sink = self._sink
+        try:
             for (unit, pairs), batch in zip(jobs, batches):
-                rows, variants, pixels, box, offsets, flips = batch
-                if unit is not current:
-                    current, compute, started = unit, 0.0, time.time()
-                    out = torch.zeros(unit.count, V, gh, gw, D)
-                    boxes = np.zeros((unit.count, V, 4), dtype=np.float32)
+                rows, variants, pixels, box, offsets, flips, bad = batch
+                if pairs[0] == (0, 0):
+                    sink.begin(unit)
                 tc = time.perf_counter()
-                out[rows, variants] = self.targets(pixels, offsets, flips)
-                boxes[rows.numpy(), variants.numpy()] = box.numpy()
-                compute += time.perf_counter() - tc
+                targets = self._forward(unit, pixels, offsets, flips)
+                sink.add(pairs[0][0] * V + pairs[0][1], targets, box, pixels, time.perf_counter() - tc)
+                for row, code in {int(r): int(c) for r, c in zip(rows, bad) if c}.items():
+                    key = self.manifest.record(unit.shard, self.storage_options).keys[unit.first + row]
+                    sink.reject(unit.start + row, key, BAD_IMAGE[code])
                 if pairs[-1] == (unit.count - 1, V - 1):  # the unit's last batch
-                    if len(pending) >= 2:  # bound the memory of units waiting to be written
-                        results.append(pending.pop(0).result())
-                    pending.append(writer.submit(self._write, unit, out, boxes, compute, started))
-            results += [f.result() for f in pending]
-        return results
+                    sink.end(unit)
+        except BaseException:  # units already computed are still written and marked: a rerun skips them
+            with contextlib.suppress(Exception):
+                sink.drain()
+            raise
+        return sink.drain()
 
-    def _write(self, unit: Unit, out: torch.Tensor, boxes: np.ndarray, compute: float, started: float) -> dict:
-        if not torch.isfinite(out).all():
-            raise PipelineError(f"unit {unit.id}: the teacher produced NaN or Inf features")
-        tw = time.perf_counter()
-        written = self.store.write_unit(unit, out, boxes)
-        stats = {"images": unit.count, "variants": self.spec.variants, "compute_seconds": round(compute, 3),
-                 "write_seconds": round(time.perf_counter() - tw, 3), "node": node_id(), **written}
-        self.store.mark_complete(unit.id, stats)
-        return {"unit": unit.id, "started": started, "finished": time.time(), **stats}
+    def _forward(self, unit: Unit, pixels: torch.Tensor, offsets, flips) -> torch.Tensor:
+        try:
+            return self.targets(pixels, offsets, flips)
+        except torch.OutOfMemoryError:
+            n, counts, (h, w) = len(pixels), self.spec.counts, self.preprocess.size
+            device = "GPU" if self.device.type == "cuda" else self.device.type.upper()
+            raise PipelineError(
+                f"the {device} ran out of memory running the teacher on {n} image(s) x {counts} views "
+                f"({n * counts} views of {h}x{w}) of unit {unit.id} (shard {unit.shard}): lower cache.batch_images "
+                f"(now {self.batch_images})") from None

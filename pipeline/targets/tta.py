@@ -54,44 +54,52 @@ def sample_views(rng: np.random.Generator, counts: int, shifts: tuple[int, int],
     return offsets, flips
 
 
-def _shift_slices(shift: int, size: int) -> tuple[slice, slice]:
-    """(destination, source) slices along one axis for `dest[i] = src[i - shift]`."""
-    return slice(max(shift, 0), size + min(shift, 0)), slice(max(-shift, 0), size - max(shift, 0))
+def _view_sources(offsets: torch.Tensor, flips: torch.Tensor, size: tuple[int, int], scale: tuple[int, int] = (1, 1)):
+    """For every view (B, V) and position of its (H, W) grid (pixels, or tokens with scale 1):
+    the position of the original it shows, as row (B, V, H) and column (B, V, W) indices
+    clamped into range, and whether that source lies inside the original (else infill).
+    A view shifts by `offsets * scale` (dest[i] = src[i - d]) and then mirrors the columns."""
+    H, W = size
+    rows = torch.arange(H, device=offsets.device) - offsets[..., 0:1] * scale[0]
+    columns = torch.arange(W, device=offsets.device).expand(*flips.shape, W)
+    columns = torch.where(flips[..., None], W - 1 - columns, columns) - offsets[..., 1:2] * scale[1]
+    inside = ((rows >= 0) & (rows < H))[..., :, None] & ((columns >= 0) & (columns < W))[..., None, :]
+    return rows.clamp(0, H - 1), columns.clamp(0, W - 1), inside
+
+
+def _as_index(offsets, flips, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.as_tensor(np.asarray(offsets), dtype=torch.int64, device=device),
+            torch.as_tensor(np.asarray(flips), dtype=torch.bool, device=device))
 
 
 def render_views(
     images: torch.Tensor, offsets: np.ndarray, flips: np.ndarray, patch: tuple[int, int], fill: torch.Tensor
 ) -> torch.Tensor:
-    """images (B, C, H, W), offsets (B, V, 2), flips (B, V) -> views (B, V, C, H, W)."""
+    """images (B, C, H, W), offsets (B, V, 2), flips (B, V) -> views (B, V, C, H, W), all views
+    of the batch by one gather (no loop over views)."""
     B, C, H, W = images.shape
-    V = offsets.shape[1]
-    views = fill.to(images).view(1, 1, C, 1, 1).expand(B, V, C, H, W).clone()
-    for b in range(B):
-        for v in range(V):
-            dy, dx = int(offsets[b, v, 0]) * patch[0], int(offsets[b, v, 1]) * patch[1]
-            (ry, sy), (rx, sx) = _shift_slices(dy, H), _shift_slices(dx, W)
-            views[b, v, :, ry, rx] = images[b, :, sy, sx]
-            if flips[b, v]:
-                views[b, v] = views[b, v].flip(-1)
-    return views
+    offsets, flips = _as_index(offsets, flips, images.device)
+    rows, columns, inside = _view_sources(offsets, flips, (H, W), patch)
+    batch = torch.arange(B, device=images.device).view(B, 1, 1, 1)
+    views = images.permute(0, 2, 3, 1)[batch, rows[..., :, None], columns[..., None, :]]  # (B, V, H, W, C)
+    views = torch.where(inside[..., None], views, fill.to(images))
+    return views.permute(0, 1, 4, 2, 3).contiguous()
 
 
 def recover(tokens: torch.Tensor, offsets: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens (B, V, gh, gw, D) of the views -> (mean per original patch (B, gh, gw, D),
-    number of views that saw each patch (B, gh, gw))."""
+    number of views that saw each patch (B, gh, gw)). Each original patch gathers, from every
+    view, the token that shows it (undo the flip, undo the shift); tokens of the infill are
+    never gathered."""
     B, V, gh, gw, D = tokens.shape
-    total = torch.zeros(B, gh, gw, D, dtype=torch.float32, device=tokens.device)
-    seen = torch.zeros(B, gh, gw, dtype=torch.float32, device=tokens.device)
-    for b in range(B):
-        for v in range(V):
-            t = tokens[b, v].float()
-            if flips[b, v]:
-                t = t.flip(1)
-            dy, dx = int(offsets[b, v, 0]), int(offsets[b, v, 1])
-            # view position i holds original patch i - dy: original rows are the source slice
-            (vy, oy), (vx, ox) = _shift_slices(dy, gh), _shift_slices(dx, gw)
-            total[b, oy, ox] += t[vy, vx]
-            seen[b, oy, ox] += 1
+    offsets, flips = _as_index(offsets, flips, tokens.device)
+    # the view position that shows original patch o is o + d, mirrored: the inverse of a view
+    rows, columns, inside = _view_sources(-offsets, torch.zeros_like(flips), (gh, gw))
+    columns = torch.where(flips[..., None], gw - 1 - columns, columns)
+    batch, view = torch.arange(B, device=tokens.device).view(B, 1, 1, 1), torch.arange(V, device=tokens.device).view(1, V, 1, 1)
+    seen_by = tokens[batch, view, rows[..., :, None], columns[..., None, :]].float()  # (B, V, gh, gw, D)
+    total = torch.where(inside[..., None], seen_by, 0.0).sum(1)
+    seen = inside.sum(1, dtype=torch.float32)
     return total / seen.clamp(min=1).unsqueeze(-1), seen
 
 
