@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import ShardConfig, TeacherConfig
+from bench.common import REFERENCE, vitb_features
+from pipeline.config import ShardConfig
 from pipeline.data.images import Preprocess, crop_box, decode_rgb
 from pipeline.data.ingest import build_shard
 from pipeline.data.manifest import Manifest
@@ -32,7 +33,6 @@ from pipeline.targets.store import CODECS, StoreSpec, TargetStore
 from pipeline.targets.teacher_targets import UnitViews, view_jobs
 from pipeline.training.pairs import CachedPairs, StepBatches
 
-REFERENCE = TeacherConfig(model="vit_base_patch14_dinov2", img_size=518)
 IMAGES, UNIT_ROWS, BATCH, BATCH_IMAGES = 192, 64, 8, 4
 SIZES = ((500, 375), (640, 480))
 
@@ -60,21 +60,19 @@ def reference_features(work: Path, n: int = 4) -> np.ndarray:
     in the work folder: real features compress as real stores do (random numbers would not)."""
     path = work / "data_path_features.npy"
     if not path.exists():
-        from bench.run import _vitb_features
-
-        np.save(path, _vitb_features(n).numpy())
+        np.save(path, vitb_features(n).numpy())
     return np.load(path)
 
 
-def reference_corpus(root: str, storage_options=None, unit_rows: int = UNIT_ROWS) -> Manifest:
-    """IMAGES photographs in shards of `unit_rows` (one unit each), without Ray."""
+def reference_corpus(root: str, storage_options=None, unit_rows: int = UNIT_ROWS, images: int = IMAGES) -> Manifest:
+    """`images` photographs in shards of `unit_rows` (one unit each), without Ray."""
     photos, shards = join_url(root, "photos"), join_url(root, "shards")
     inputs = []
-    for name, data in sized_photographs(IMAGES):
+    for name, data in sized_photographs(images):
         inputs.append(join_url(photos, name))
         write_bytes_atomic(inputs[-1], data, storage_options)
     counts = {}
-    for s in range(IMAGES // unit_rows):
+    for s in range(images // unit_rows):
         part = inputs[s * unit_rows:(s + 1) * unit_rows]
         counts[s] = build_shard(s, part, ShardConfig(), unit_rows, shards, storage_options)["count"]
     Manifest(shards, "data-path", unit_rows, unit_rows, counts).save(storage_options)

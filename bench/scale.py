@@ -27,6 +27,7 @@ cores, serves about 120 GETs/s whether they are sent one by one or concurrently.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -92,6 +93,14 @@ def _inputs(n: int) -> list[str]:
     return [f"s3://corpus/raw/{i // 1000:05d}/{i:08d}.jpg" for i in range(n)]
 
 
+def _image_hash(shard: int, position: int) -> str:
+    """An image's sha256 as a record holds it: one in every 100 shards starts with a copy of
+    the corpus's first image (a duplicate for the report to find)."""
+    if position == 0 and shard % 100 == 0:
+        shard = 0
+    return hashlib.sha256(f"{shard}/{position}".encode()).hexdigest()
+
+
 def _marker(unit_id: int, images: int) -> bytes:
     """A completion marker as the teacher-cache writes it (write_json: indent 1, sorted)."""
     info = {"unit": unit_id, "images": images, "variants": 1, "compute_seconds": 123.456, "write_seconds": 1.234,
@@ -124,7 +133,7 @@ def fixture_records(ctx, clock):
         record = {
             "shard": s, "tar": f"{s:05d}.tar", "count": count, "keys": [sample_key(s * CAPACITY + i) for i in range(count)],
             "offsets": [1536 + 70_000 * i for i in range(count)], "sizes": [68_000 + i for i in range(count)],
-            "sources": group, "sha256": [f"{s:032x}{i:032x}" for i in range(count)], "inputs": group,
+            "sources": group, "sha256": [_image_hash(s, i) for i in range(count)], "inputs": group,
             "inputs_digest": digest(group), "rejects": [], "rejects_by_reason": {}, "bytes_in": 70_000 * count,
             "bytes_out": 70_000 * count, "seconds": 12.345,
         }
@@ -196,17 +205,19 @@ def step_manifest_load(ctx, clock):
 
 
 def step_shard_startup(ctx, clock):
-    """The shard stage resuming a finished corpus: plan, finished records, resume check
-    (the inputs' listing itself is left out: it is the storage's)."""
+    """The shard stage resuming a finished corpus: plan, finished records, resume check, and
+    the duplicates of its report (the inputs' listing itself is left out: it is the storage's)."""
     from pipeline.data.ingest import plan_shards, resume_state
-    from stages.shard import finished_records
+    from pipeline.data.records import duplicates, finished_records
 
     inputs = _inputs(ctx["n"])
     with clock():
         plan = plan_shards(inputs, CAPACITY)
         done = finished_records(ctx["shards"], plan, None)
         todo = resume_state(plan, {s: r["inputs_digest"] for s, r in done.items()})
+        copies = duplicates(ctx["shards"], done, None)
     assert not todo and len(done) == len(plan)
+    assert len(copies) == 1 and len(copies[0]["sources"]) == -(-len(plan) // 100)
     return {"records": len(done)}
 
 
@@ -474,7 +485,9 @@ def _run(step: str, ctx: dict, folder: Path, **args) -> dict:
 
 
 def reference_spec() -> dict:
-    from bench.data_path import REFERENCE
+    # Imported here, as everything beyond the standard library in this module: a step's own
+    # process (`python -m bench.scale`) must not pay for torch before its timed part.
+    from bench.common import REFERENCE
     from pipeline.models.vit import describe_teacher
     from pipeline.targets.store import StoreSpec
 

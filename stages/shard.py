@@ -24,13 +24,13 @@ from pipeline.data.ingest import (
     list_inputs,
     plan_shards,
     preprocessing,
-    record_url,
     resume_state,
 )
 from pipeline.data.manifest import Manifest, unit_rows_for
+from pipeline.data.records import driver_record, duplicates, finished_records
 from pipeline.data.sample_corpus import write_sample_corpus
 from pipeline.errors import PipelineError
-from pipeline.storage import exists, join_url, list_names, read_json_many, url_to_fs, write_bytes_atomic, write_json
+from pipeline.storage import exists, join_url, url_to_fs, write_bytes_atomic, write_json
 from stages.runtime import init_ray, progress, say
 
 SAMPLE = "sample:photos"
@@ -50,49 +50,6 @@ def resolve_sources(cfg: Config) -> list[str]:
             source = write_sample_corpus(cfg.under_root("sample_photos"), cfg.shard.sample_size, cfg.storage.storage_options)
         sources.append(source)
     return sources
-
-
-# Per-image fields of a shard's record that only readers use (they read the records
-# themselves): the driver does not keep them.
-READER_FIELDS = ("keys", "offsets", "sizes")
-RECORD_BATCH = 512  # records read at once (about 50 KB each at 256 images): bounds the raw bytes held
-
-
-def finished_records(out: str, shard_ids, storage_options) -> dict[int, dict]:
-    """Records of the planned shards that are done: one listing, then batches of reads.
-
-    The driver keeps what it uses of each (digest, counts, inputs, sources and hashes for the
-    run's report), not the per-image keys and byte ranges (READER_FIELDS), and shares names
-    instead of copying them: a record's sources are its inputs' string objects, and with a
-    plan ({shard: inputs}) for `shard_ids` its inputs are the plan's list when they are equal.
-    Resuming 10M images in shards of 256 peaks at 3.3 GB instead of 8.5 (bench `scale`)."""
-    present = set(list_names(out, storage_options))
-    urls = [(s, record_url(out, s)) for s in shard_ids]
-    urls = [(s, u) for s, u in urls if u.rsplit("/", 1)[-1] in present]
-    plan = shard_ids if isinstance(shard_ids, dict) else {}
-    records = {}
-    for i in range(0, len(urls), RECORD_BATCH):
-        batch = urls[i:i + RECORD_BATCH]
-        loaded = read_json_many([u for _, u in batch], storage_options)
-        for s, u in batch:
-            records[s] = _driver_record(loaded.pop(u), plan.get(s))
-    return records
-
-
-def _driver_record(record: dict, planned: list[str] | None) -> dict:
-    for name in READER_FIELDS:
-        record.pop(name, None)
-    inputs = record.get("inputs")
-    if inputs is not None and planned is not None and inputs == planned:
-        record["inputs"] = inputs = planned
-    sources = record.get("sources")
-    if inputs is not None and sources:
-        if sources == inputs:  # nothing rejected
-            record["sources"] = inputs
-        else:
-            same = {name: name for name in inputs}
-            record["sources"] = [same.get(name, name) for name in sources]
-    return record
 
 
 def make_plan(cfg: Config, inputs: list[str], kind: str) -> tuple[dict[int, list[str]], int, dict[int, dict]]:
@@ -135,7 +92,8 @@ def run(cfg: Config) -> Manifest:
         bar = progress(len(todo), "shard", "shard")
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            records[pending.pop(done[0])] = ray.get(done[0])
+            s = pending.pop(done[0])
+            records[s] = driver_record(ray.get(done[0]), plan[s])
             bar.update(1)
             bar.set_postfix(images=sum(r["count"] for r in records.values()),
                             rejected=sum(len(r["rejects"]) for r in records.values()))
@@ -165,11 +123,7 @@ def report(cfg: Config, records: dict[int, dict], elapsed: float) -> dict:
     """Write rejects.jsonl, duplicates.jsonl and stats.json; stop when too much was rejected."""
     so, out = cfg.storage.storage_options, cfg.shards_url
     rejects = [r for s in sorted(records) for r in records[s]["rejects"]]
-    by_hash: dict[str, list[str]] = {}
-    for s in sorted(records):
-        for source, sha in zip(records[s]["sources"], records[s]["sha256"]):
-            by_hash.setdefault(sha, []).append(source)
-    duplicates = [{"sha256": h, "sources": v} for h, v in by_hash.items() if len(v) > 1]
+    copies = duplicates(out, records, so)
     accepted = sum(r["count"] for r in records.values())
     seen = accepted + len(rejects)
     totals = {
@@ -177,7 +131,7 @@ def report(cfg: Config, records: dict[int, dict], elapsed: float) -> dict:
         "accepted": accepted,
         "rejected": len(rejects),
         "rejects_by_reason": dict(Counter(r["reason"] for r in rejects)),
-        "duplicate_copies": sum(len(d["sources"]) - 1 for d in duplicates),
+        "duplicate_copies": sum(len(d["sources"]) - 1 for d in copies),
         "shards": len(records),
         "bytes_in": sum(r["bytes_in"] for r in records.values()),
         "bytes_out": sum(r["bytes_out"] for r in records.values()),
@@ -185,7 +139,7 @@ def report(cfg: Config, records: dict[int, dict], elapsed: float) -> dict:
         "shard_seconds": round(sum(r["seconds"] for r in records.values()), 3),
     }
     write_bytes_atomic(join_url(out, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects).encode(), so)
-    write_bytes_atomic(join_url(out, "duplicates.jsonl"), "".join(json.dumps(d) + "\n" for d in duplicates).encode(), so)
+    write_bytes_atomic(join_url(out, "duplicates.jsonl"), "".join(json.dumps(d) + "\n" for d in copies).encode(), so)
     write_json(join_url(out, "stats.json"), totals, so)
     fraction = len(rejects) / max(seen, 1)
     if fraction > cfg.shard.max_reject_fraction:

@@ -14,11 +14,11 @@ from pipeline.config import ShardConfig
 from pipeline.data.images import Preprocess, decode_rgb
 from pipeline.data.ingest import build_shard
 from pipeline.data.manifest import Manifest
+from pipeline.data.readers import in_order
 from pipeline.data.shards import read_images
 from pipeline.targets.store import StoreSpec, TargetStore
-from pipeline.targets.teacher_targets import prepare
-from pipeline.data.readers import in_order
-from pipeline.training.pairs import CachedPairs, OnlineViews, StepBatches
+from pipeline.targets.views import prepare
+from pipeline.training.pairs import CachedPairs, OnlineViews, Pair, StepBatches
 
 CAPACITY, UNIT_ROWS, V = 6, 3, 2
 PRE = {"size": [32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -152,6 +152,9 @@ def test_reader_processes_give_the_batches_of_a_thread(tmp_path, where, request)
         for a, b in zip(batches[0], batches[readers]):
             assert a[0].dtype == torch.uint8 and a[1].dtype == torch.float16
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            assert type(b) is Pair and b.pixels is b[0] and b.targets is b[1]  # named across processes and pinning
+    pinned = next(in_order(plan, len(plan), 1, depth=2, pin_memory=torch.cuda.is_available()))
+    assert type(pinned) is Pair
 
 
 def test_an_error_in_a_reader_process_reaches_the_consumer(corpus):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from pipeline.data import records as shard_records
 from pipeline.data.ingest import digest, plan_shards, record_url, resume_state
+from pipeline.data.records import READER_FIELDS, finished_records
 from pipeline.errors import PipelineError
-from stages import shard
-from stages.shard import READER_FIELDS, finished_records
 
 
 def _record(s: int, inputs: list[str], rejected: set[str]) -> dict:
@@ -34,19 +34,44 @@ def test_finished_records_keep_what_the_driver_uses_and_share_names(tmp_path, mo
     done = finished_records(out, plan, None)
     assert set(done) == {0, 1}
     for s, record in written.items():
-        assert done[s] == {k: v for k, v in record.items() if k not in READER_FIELDS}
+        kept = {k: v for k, v in done[s].items() if k != "prefixes"}
+        assert kept == {k: v for k, v in record.items() if k not in (*READER_FIELDS, "sources", "sha256")}
+        # each accepted image's sha256 as its first 64 bits
+        assert done[s]["prefixes"].tolist() == [int(h[:16], 16) for h in record["sha256"]]
     # names are the plan's string objects, not copies
-    assert done[0]["inputs"] is plan[0] and done[0]["sources"] is plan[0]
-    assert done[1]["inputs"] is plan[1]
-    assert all(any(name is p for p in plan[1]) for name in done[1]["sources"]) and len(done[1]["sources"]) == 7
+    assert done[0]["inputs"] is plan[0] and done[1]["inputs"] is plan[1]
     assert resume_state(plan, {s: r["inputs_digest"] for s, r in done.items()}) == [2]
 
     # shard ids without a plan (extend mode), and records read in batches of one: the same records
-    monkeypatch.setattr(shard, "RECORD_BATCH", 1)
-    assert finished_records(out, [0, 1, 2], None) == done
+    monkeypatch.setattr(shard_records, "RECORD_BATCH", 1)
+    again = finished_records(out, [0, 1, 2], None)
+    assert again.keys() == done.keys()
+    for s in done:
+        assert {k: v for k, v in again[s].items() if k != "prefixes"} == {k: v for k, v in done[s].items() if k != "prefixes"}
+        assert again[s]["prefixes"].tolist() == done[s]["prefixes"].tolist()
     # a finished shard built from other inputs is still caught by its digest
     other = plan_shards([f"/photos/{i:04d}.jpg" for i in range(1, 21)], 8)
     changed = finished_records(out, other, None)
     assert changed[0]["inputs"] == plan[0] and changed[0]["inputs"] is not other[0]
     with pytest.raises(PipelineError, match="other inputs"):
         resume_state(other, {s: r["inputs_digest"] for s, r in changed.items()})
+
+
+@pytest.mark.parametrize("batch", [512, 1])
+def test_duplicates_are_found_from_hash_prefixes_and_confirmed_by_full_hashes(tmp_path, monkeypatch, batch):
+    """Hand-worked: image a appears in shards 0, 1 and 2, b twice in shard 1; c and d share
+    their first 64 bits but differ after them (a prefix collision, not a duplicate)."""
+    monkeypatch.setattr(shard_records, "RECORD_BATCH", batch)
+    out = str(tmp_path)
+    a, b, c, d, e = "a" * 64, "b" * 64, "c" * 16 + "0" * 48, "c" * 16 + "1" * 48, "e" * 64
+    hashes = {0: [e, a, c], 1: [b, a, b], 2: [d, a], 3: []}
+    for s, shas in hashes.items():
+        inputs = [f"/p/{s}-{k}.jpg" for k in range(len(shas))]
+        record = _record(s, inputs, set()) | {"sha256": shas}
+        (tmp_path / record_url(out, s).rsplit("/", 1)[-1]).write_text(json.dumps(record))
+    records = finished_records(out, [0, 1, 2, 3], None)
+    assert shard_records.duplicates(out, records, None) == [
+        {"sha256": a, "sources": ["/p/0-1.jpg", "/p/1-1.jpg", "/p/2-1.jpg"]},
+        {"sha256": b, "sources": ["/p/1-0.jpg", "/p/1-2.jpg"]},
+    ]
+    assert shard_records.duplicates(out, {3: records[3]}, None) == []

@@ -3,16 +3,23 @@
 The shard stage turns any input into an upright RGB JPEG (`normalize_image`); the teacher
 cache and the student then both see exactly `Preprocess(img, box)` of that JPEG, so a
 cached target always describes the pixels the student is trained on.
+
+torch is imported by the methods that use it: the shard stage's driver imports this module
+(through `ingest`) and, planning millions of names, should not also hold torch (~400 MB).
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -123,6 +130,15 @@ def crop_box(width: int, height: int, out_hw: tuple[int, int], mode: str, rng: n
     return (left, top, left + bw, top + bh)
 
 
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple[float, float, float], device: str) -> torch.Tensor:
+    """Per-channel statistics (3, 1, 1) on `device`, made once: every copy of a fresh host
+    tensor to a GPU would wait for all the work queued on it."""
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32).view(3, 1, 1).to(device)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Crop a box, resize it to the model's input and normalise with the model's statistics."""
@@ -138,19 +154,27 @@ class Preprocess:
     def pixels(self, img: Image.Image, box) -> torch.Tensor:
         """The box resized to the model's input: (3, H, W) uint8. Readers hand these to the
         device, a quarter of the bytes of float32, and `normalize` runs there."""
+        import torch
+
         h, w = self.size
         resized = img.resize((w, h), INTERPOLATIONS[self.interpolation], box=tuple(float(b) for b in box))
         return torch.from_numpy(np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (..., 3, H, W) on any device -> float32 with the model's statistics."""
+        import torch
+
         x = pixels.to(torch.float32) / 255.0
-        return (x - self.mean_tensor().to(x.device)) / self.std_tensor().to(x.device)
+        return (x - _constant(tuple(self.mean), str(x.device))) / _constant(tuple(self.std), str(x.device))
 
     def mean_tensor(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
 
     def std_tensor(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
 
     def white(self) -> torch.Tensor:

@@ -40,6 +40,9 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             put(_DONE)
         except BaseException as e:  # handed to the consumer
             put(_Failure(e))
+        finally:  # a generator runs its clean-up now, in the thread that ran it
+            if hasattr(items, "close"):
+                items.close()
 
     thread = threading.Thread(target=produce, daemon=True, name="prefetch")
     thread.start()

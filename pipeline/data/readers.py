@@ -11,8 +11,8 @@ their time, and the consumer's interpreter is busy driving the model.
 Moving a batch between processes is what costs: fresh shared memory for every batch (what a
 DataLoader worker allocates by default) costs a reader more in page faults and system calls
 than a third of its decoding (BENCHMARKS.md, "Data path"). So each reader stacks its batches
-into a few shared-memory slots of its own, made once and reused; the consumer copies a batch
-out of its slot (into page-locked memory with `pin_memory`, ready for an asynchronous copy to
+into a few shared-memory slots of its own, made once and reused; a thread of the consumer copies
+a batch out of its slot (into page-locked memory with `pin_memory`, ready for an asynchronous copy to
 a GPU) and hands the slot back at once, so the batches it receives are its own to keep. A
 slot's memory crosses the process boundary once; after that only its index does.
 
@@ -37,7 +37,8 @@ from pipeline.data.prefetch import prefetch
 
 def stack(samples: list[tuple], out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """Samples (tuples of tensors, arrays or numbers) -> one tensor per field, written into
-    `out`'s tensors where their shapes and types match."""
+    `out`'s tensors where their shapes and types match. Samples that are named tuples give a
+    batch of their type, so batches are read by name (`batch.targets`)."""
     fields = []
     for i, values in enumerate(zip(*samples)):
         values = [v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for v in values]
@@ -46,7 +47,12 @@ def stack(samples: list[tuple], out: list[torch.Tensor] | None = None) -> tuple[
         if target is None or tuple(target.shape) != shape or target.dtype != dtype:
             target = torch.empty(shape, dtype=dtype)
         fields.append(torch.stack(values, out=target))
-    return tuple(fields)
+    return like(samples[0], fields)
+
+
+def like(example: tuple, fields) -> tuple:
+    """`fields` as a tuple of `example`'s type (a named tuple stays one)."""
+    return type(example)._make(fields) if hasattr(example, "_fields") else tuple(fields)
 
 
 class _Slots(Dataset):
@@ -97,7 +103,9 @@ def in_order(load: Callable[[int], list], n: int, readers: int = 0, depth: int =
                         worker_init_fn=_reopen, multiprocessing_context="fork", collate_fn=_as_is,
                         # its own generator: seeding the readers leaves the global RNG alone
                         generator=torch.Generator())
-    return _copied(loader, free, pin_memory)
+    # copied out of the slots by a thread (memcpy releases the GIL): a GPU step's loop then
+    # finds its next batch ready instead of spending ~5 ms per 23 MB batch copying it
+    return prefetch(_copied(loader, free, pin_memory), depth)
 
 
 def _copy(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
@@ -117,7 +125,7 @@ def _as_is(batch):
 
 
 def _pinned(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return tuple(t.pin_memory() for t in batch)
+    return like(batch, [t.pin_memory() for t in batch])
 
 
 def _copied(loader: DataLoader, free: torch.Tensor, pin_memory: bool) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -128,7 +136,7 @@ def _copied(loader: DataLoader, free: torch.Tensor, pin_memory: bool) -> Iterato
             if batch is not None:
                 seen[index] = batch
             batch = seen[index]
-            mine = tuple(_copy(t, pin_memory) for t in batch)
+            mine = like(batch, [_copy(t, pin_memory) for t in batch])
             free[index] = 1
             yield mine
     finally:

@@ -11,7 +11,6 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
-import webdataset as wds
 
 from pipeline.data.manifest import ShardRecord
 from pipeline.storage import url_to_fs, write_bytes_atomic
@@ -61,6 +60,8 @@ def image_members(members: Iterator[Member]) -> list[Member]:
 
 def write_tar(url: str, samples: list[Sample], storage_options=None) -> tuple[int, list[Member]]:
     """Write a shard in one atomic put. Returns its size and the index of its images."""
+    import webdataset as wds  # here, not at the top: it imports torch, which the shard driver never needs
+
     buf = io.BytesIO()
     # mtime fixed so that a recomputed shard is byte-identical
     with wds.TarWriter(buf, mtime=0.0) as sink:

@@ -1,6 +1,6 @@
 """The target store: denoised teacher features in a Zarr v3 group, one group per fingerprint.
 
-Layout of `<cache_root>/<fingerprint>/` (readable with plain `zarr`, see README):
+Layout of `<cache_root>/<fingerprint>/` (readable with plain `zarr`, see docs/store-format.md):
       targets   (rows, V, gh, gw, D)  float16 | float32 | uint16 (bfloat16 bits) | int8
       scales    (rows, V, gh, gw)     float32, int8 stores only: target = targets * scales
       boxes     (rows, V, 4)          float32 crop box (left, top, right, bottom) in pixels of
@@ -29,7 +29,6 @@ import torch
 import zarr
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.vit import describe_teacher
 from pipeline.storage import exists, fs_options, has_scheme, join_url, list_names, read_json, write_json
 from pipeline.targets.rows import RowReader, crc32c, direct_readable, write_shard
 
@@ -116,11 +115,12 @@ def digest_kind(digest: str | None) -> str:
     return "crc32c" if digest and digest.startswith("crc32c:") else "sha256"
 
 
-def store_spec(cfg, teacher, manifest) -> StoreSpec:
-    """The spec a `Config` asks for, given its `TeacherSpec` and the corpus `Manifest`."""
+def store_spec(tta, cache, teacher, manifest) -> StoreSpec:
+    """The spec of the targets that the `tta` and `cache` config sections ask for, given the
+    teacher's `TeacherSpec` and the corpus `Manifest`."""
     return StoreSpec(
-        teacher=teacher.to_dict(), counts=cfg.tta.counts, shift_frac=cfg.tta.shift_frac, flip=cfg.tta.flip,
-        seed=cfg.tta.seed, fps_start=cfg.tta.fps_start, dtype=cfg.cache.dtype, variants=cfg.cache.variants, crop=cfg.cache.crop_mode,
+        teacher=teacher.to_dict(), counts=tta.counts, shift_frac=tta.shift_frac, flip=tta.flip,
+        seed=tta.seed, fps_start=tta.fps_start, dtype=cache.dtype, variants=cache.variants, crop=cache.crop_mode,
         corpus_id=manifest.corpus_id, unit_rows=manifest.unit_rows,
     )
 
@@ -151,7 +151,9 @@ def encode_tensor(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
         return x.half(), None
     if dtype == "bfloat16":
         return x.bfloat16().view(torch.int16), None
-    low, high = torch.aminmax(x, dim=-1)  # the absmax without a copy of |x|
+    # the absmax without a copy of |x|; two reductions: a CPU's aminmax along the last
+    # dimension takes 7x as long as amax and amin together
+    low, high = x.amin(dim=-1), x.amax(dim=-1)
     scale = torch.maximum(high, -low).clamp_(min=1e-12).div_(127.0)
     q = (x / scale.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
@@ -424,9 +426,10 @@ def list_stores(root: str, storage_options=None) -> list[TargetStore]:
     return stores
 
 
-def find_store(cfg, manifest) -> TargetStore:
-    """The complete store this config trains from, refusing any mismatch with a precise message."""
-    store = locate_store(cfg, manifest)
+def find_store(spec: StoreSpec, cache_root: str, manifest, storage_options=None, url: str | None = None) -> TargetStore:
+    """The complete store of targets `spec` for `manifest` (see `locate_store`), refusing any
+    mismatch or missing unit with a precise message."""
+    store = locate_store(spec, cache_root, manifest, storage_options, url)
     units = [u.id for u in manifest.units()]
     missing = sorted(set(units) - store.completed())
     if missing:
@@ -435,21 +438,19 @@ def find_store(cfg, manifest) -> TargetStore:
     return store
 
 
-def locate_store(cfg, manifest) -> TargetStore:
-    """The store matching this config and manifest (`distill.store`, or found by fingerprint)."""
-    so = cfg.storage.storage_options
-    teacher = describe_teacher(cfg.teacher, so)
-    if cfg.distill.store:
-        store = TargetStore(cfg.distill.store, so)
-        diff = describe_differences(store.spec.teacher, teacher.to_dict(), "store", "config")
+def locate_store(spec: StoreSpec, cache_root: str, manifest, storage_options=None, url: str | None = None) -> TargetStore:
+    """The store at `url` (its teacher must be `spec`'s), or the one under `cache_root` whose
+    fingerprint is `spec`'s; either way built from `manifest`'s corpus."""
+    if url:
+        store = TargetStore(url, storage_options)
+        diff = describe_differences(store.spec.teacher, spec.teacher, "store", "config")
         if diff:
             raise ConfigError(f"the student config does not match the store {store.url}:\n  " + "\n  ".join(diff))
     else:
-        spec = store_spec(cfg, teacher, manifest)
-        store = TargetStore(join_url(cfg.cache_root, spec.fingerprint), so)
-        stores = {s.url: s for s in list_stores(cfg.cache_root, so)}
+        store = TargetStore(join_url(cache_root, spec.fingerprint), storage_options)
+        stores = {s.url: s for s in list_stores(cache_root, storage_options)}
         if store.url not in stores:
-            lines = [f"no target store under {cfg.cache_root} matches this config (fingerprint {spec.fingerprint})."]
+            lines = [f"no target store under {cache_root} matches this config (fingerprint {spec.fingerprint})."]
             for other in stores.values():
                 diff = describe_differences(StoreSpec(**other.attrs["spec"]).to_dict(), spec.to_dict(), "store", "config")
                 lines.append(f"{other.url} differs in:\n    " + "\n    ".join(diff))

@@ -68,12 +68,16 @@ def _view_sources(offsets: torch.Tensor, flips: torch.Tensor, size: tuple[int, i
 
 
 def _as_index(offsets, flips, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.as_tensor(np.asarray(offsets), dtype=torch.int64, device=device),
-            torch.as_tensor(np.asarray(flips), dtype=torch.bool, device=device))
+    """Offsets and flips (arrays, or tensors in page-locked memory from the readers) on
+    `device`, copied without waiting: a blocking copy to a GPU waits for all its queued work."""
+    def to(x, dtype):
+        return torch.as_tensor(x).to(device=device, dtype=dtype, non_blocking=True)
+
+    return to(offsets, torch.int64), to(flips, torch.bool)
 
 
 def render_views(
-    images: torch.Tensor, offsets: np.ndarray, flips: np.ndarray, patch: tuple[int, int], fill: torch.Tensor
+    images: torch.Tensor, offsets, flips, patch: tuple[int, int], fill: torch.Tensor
 ) -> torch.Tensor:
     """images (B, C, H, W), offsets (B, V, 2), flips (B, V) -> views (B, V, C, H, W), all views
     of the batch by one gather (no loop over views)."""
@@ -86,7 +90,7 @@ def render_views(
     return views.permute(0, 1, 4, 2, 3).contiguous()
 
 
-def recover(tokens: torch.Tensor, offsets: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def recover(tokens: torch.Tensor, offsets, flips) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens (B, V, gh, gw, D) of the views -> (mean per original patch (B, gh, gw, D),
     number of views that saw each patch (B, gh, gw)). Each original patch gathers, from every
     view, the token that shows it (undo the flip, undo the shift); tokens of the infill are
@@ -106,8 +110,8 @@ def recover(tokens: torch.Tensor, offsets: np.ndarray, flips: np.ndarray) -> tup
 def denoise(
     features: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
-    offsets: np.ndarray,
-    flips: np.ndarray,
+    offsets,
+    flips,
     patch: tuple[int, int],
     fill: torch.Tensor,
 ) -> torch.Tensor:
