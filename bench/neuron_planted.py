@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import os
 
-from bench.planted import HELDOUT_IMAGES, HELDOUT_SEED
-from pipeline.config import load_config
-from pipeline.data.sample_corpus import write_sample_corpus
-from stages import distill, evaluate, export, shard, teacher_cache
+from bench.planted_run import configs, planted_run
 
-CONFIGS = [os.path.join(os.path.dirname(__file__), "..", "configs", name) for name in ("demo.yaml", "neuron-planted.yaml")]
+CONFIGS = configs("demo.yaml", "neuron-planted.yaml")
 KEYS = {"teacher": "teacher", "target": "target", "student": "student", "test-time-registers": "test_time_registers"}
 
 
 def neuron_planted(workdir: str) -> dict:
     root = os.path.abspath(os.path.join(workdir, "neuron_planted"))
-    heldout_shards = os.path.join(root, "heldout_shards")
-    photos = write_sample_corpus(os.path.join(root, "heldout_photos"), HELDOUT_IMAGES, seed=HELDOUT_SEED)
-    train = load_config(CONFIGS, {"storage.run_root": root, "evaluate.shards": heldout_shards,
-                                  "evaluate.num_images": HELDOUT_IMAGES})
-    heldout = load_config(CONFIGS, {"storage.run_root": root, "shard.input": [photos], "shard.output": heldout_shards,
-                                    "cache.shards": heldout_shards})
-    for stage in (shard, teacher_cache, distill, export):
-        stage.run(train)
-    shard.run(heldout)
-    teacher_cache.run(heldout)
-    report = evaluate.run(train)
+    report = planted_run(root, CONFIGS, {})
     out = {}
     for name, key in KEYS.items():
         out[f"neuron_planted_outliers_{key}"] = round(report["norms"][name]["outliers_per_image"], 3)

@@ -28,6 +28,15 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+import bench.clip_planted  # noqa: E402
+import bench.data_path  # noqa: E402
+import bench.gpu  # noqa: E402
+import bench.neuron_planted  # noqa: E402
+import bench.planted  # noqa: E402
+import bench.scale  # noqa: E402
+import bench.sink  # noqa: E402
+from bench.common import flops, steady_rate, vitb_features  # noqa: E402
+from bench.planted_run import HELDOUT_IMAGES, heldout_corpus, heldout_input  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -81,7 +90,7 @@ class ForwardActor:
 def forward_bound(cfg, actors: int, images_each: int) -> float:
     """images/s of the bare teacher forward at `counts` views per image, on `actors`
     concurrent actors with the stage's threads: the bound the full stage is compared to."""
-    pool = [ForwardActor.remote(cfg.teacher, cfg.cache.threads_per_actor or 1) for _ in range(actors)]
+    pool = [ForwardActor.remote(cfg.teacher, cfg.cache.resources.threads or 1) for _ in range(actors)]
     spans = ray.get([a.run.remote(images_each, cfg.cache.batch_images, cfg.tta.counts) for a in pool])
     for a in pool:
         ray.kill(a)
@@ -97,7 +106,7 @@ def teacher_cache(work: Path, s3: S3) -> dict:
     out = {}
     shutil.rmtree(work / "tc", ignore_errors=True)
     settings = {**TINY_TEACHER, "shard.sample_size": 48, "shard.shard_size": 8, "tta.counts": 10,
-                "cache.batch_images": 2, "cache.num_actors": 2, "cache.cpus_per_actor": 1, "cache.threads_per_actor": 1,
+                "cache.batch_images": 2, "cache.num_actors": 2, "cache.resources.cpus": 1, "cache.resources.threads": 1,
                 # one task of 3 units per actor: the steady state of a large corpus, where each task holds
                 # up to 16 units and the reader and writer overlap across them
                 "cache.units_per_task": 3}
@@ -125,29 +134,12 @@ def teacher_cache(work: Path, s3: S3) -> dict:
     return out
 
 
-def _vitb_features(n: int) -> torch.Tensor:
-    """Final-layer patch features of a ViT-B/14 at 518 px (37x37x768, the reference setting)
-    on real photographs; random-init weights (no pretrained weights offline)."""
-    from pipeline.config import TeacherConfig
-    from pipeline.data.images import crop_box, decode_rgb
-    from pipeline.data.sample_corpus import generate
-    from pipeline.models.vit import describe_teacher, load_teacher, patch_features
-
-    cfg = TeacherConfig(model="vit_base_patch14_dinov2", img_size=518)
-    pre = describe_teacher(cfg).preprocess
-    model = load_teacher(cfg)
-    images = [decode_rgb(data) for _, data in generate(n, seed=1)]
-    x = torch.stack([pre(img, crop_box(img.width, img.height, pre.size, "center")) for img in images])
-    with torch.inference_mode():
-        return torch.cat([patch_features(model, x[i:i + 2]) for i in range(0, n, 2)])
-
-
 def storage(work: Path) -> dict:
     """Bytes per image and fidelity against float32 for each storage type (ViT-B/14 @ 518)."""
     from pipeline.data.manifest import Unit
     from pipeline.targets.store import StoreSpec, TargetStore
 
-    feats = _vitb_features(4)
+    feats = vitb_features(4)
     n, gh, gw, D = feats.shape
     out = {}
     for dtype in ("float32", "float16", "bfloat16", "int8"):
@@ -211,7 +203,7 @@ def planning(work: Path) -> dict:
     from pipeline.data.ingest import digest, plan_shards, record_url, resume_state
     from pipeline.data.manifest import Manifest
     from pipeline.storage import write_json
-    from stages.shard import finished_records
+    from pipeline.data.records import finished_records
 
     out, folder = {}, work / "planning"
     shutil.rmtree(folder, ignore_errors=True)
@@ -237,34 +229,6 @@ def planning(work: Path) -> dict:
     out["planning_1m_manifest_bytes"] = (folder / "manifest.json").stat().st_size
     assert len(units) == 3907
     return out
-
-
-def flops() -> dict:
-    """What a GPU run is bound by: FLOPs of the teacher-cache per image for ViT-B/14 at 518 px."""
-    import timm
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = timm.create_model("vit_base_patch14_dinov2", img_size=518, num_classes=0)
-        with FlopCounterMode(display=False) as counter:
-            model.forward_features(torch.randn(1, 3, 518, 518))
-    per_view = counter.get_total_flops()
-    return {"vitb14_518_gflops_per_view": round(per_view / 1e9, 1), "vitb14_518_tflops_per_image_10_views": round(10 * per_view / 1e12, 3)}
-
-
-def _steady_rate(run_url: str, storage_options=None) -> tuple[float, float]:
-    """(samples/s, data-wait fraction) of a run's metric rows, the first dropped (it includes
-    start-up: model building, first reads, DDP set-up). Samples/s is the median over rows, so
-    that a burst of load from another tenant of this shared machine does not decide a ratio."""
-    import csv
-    import io
-
-    from pipeline.storage import join_url, read_bytes
-
-    rows = list(csv.DictReader(io.StringIO(read_bytes(join_url(run_url, "metrics.csv"), storage_options).decode())))[1:]
-    seconds = sum(float(r["seconds"]) for r in rows)
-    waited = sum(float(r["data_wait_fraction"]) * float(r["seconds"]) for r in rows)
-    return float(np.median([float(r["samples_per_s"]) for r in rows])), waited / seconds
 
 
 def _raw_compute_ratio(cfg, threads: int = 2, repeats: int = 6) -> float:
@@ -321,13 +285,13 @@ def distill_speed(work: Path, s3: S3) -> dict:
         shard.run(cfg)
         teacher_cache.run(cfg)
     runs = {  # name: (root, overrides)
-        "cached_1w": ("local", {"distill.num_workers": 1, "distill.cpus_per_worker": 2, "distill.threads_per_worker": 2,
+        "cached_1w": ("local", {"distill.num_workers": 1, "distill.resources.cpus": 2, "distill.resources.threads": 2,
                                 "distill.epochs": 6}),
-        "cached_2w": ("local", {"distill.num_workers": 2, "distill.cpus_per_worker": 1, "distill.threads_per_worker": 1,
+        "cached_2w": ("local", {"distill.num_workers": 2, "distill.resources.cpus": 1, "distill.resources.threads": 1,
                                 "distill.epochs": 6}),
-        "online_1w": ("local", {"distill.num_workers": 1, "distill.cpus_per_worker": 2, "distill.threads_per_worker": 2,
+        "online_1w": ("local", {"distill.num_workers": 1, "distill.resources.cpus": 2, "distill.resources.threads": 2,
                                 "distill.epochs": 2, "distill.targets": "online"}),
-        "cached_1w_s3": ("s3", {"distill.num_workers": 1, "distill.cpus_per_worker": 2, "distill.threads_per_worker": 2,
+        "cached_1w_s3": ("s3", {"distill.num_workers": 1, "distill.resources.cpus": 2, "distill.resources.threads": 2,
                                 "distill.epochs": 3}),
     }
     rates = {}
@@ -336,7 +300,7 @@ def distill_speed(work: Path, s3: S3) -> dict:
         cfg = load_config([], {**base, **overrides, "storage.run_root": roots[where], "storage.storage_options": options,
                                "student.name": name})
         distill.run(cfg)
-        rates[name] = _steady_rate(join_url(cfg.students_url, name), options)
+        rates[name] = steady_rate(join_url(cfg.students_url, name), options)
     out["distill_samples_per_s_1_worker"] = round(rates["cached_1w"][0], 3)
     out["distill_samples_per_s_2_workers"] = round(rates["cached_2w"][0], 3)
     out["distill_online_samples_per_s"] = round(rates["online_1w"][0], 3)
@@ -353,18 +317,16 @@ def caching_price(work: Path) -> dict:
     """Online targets (fresh crops and views every epoch, the reference) vs cached V=1 (centre
     crop) vs cached V=4 (random crops): same planted-artifact teacher, same 48 training images,
     same steps; fidelity and outliers measured on 16 held-out images against their V=1 targets."""
-    from bench.planted import CONFIGS, HELDOUT_IMAGES, HELDOUT_SEED
-    from pipeline.data.sample_corpus import write_sample_corpus
     from pipeline.storage import join_url
     from stages import distill, evaluate, export, shard, teacher_cache
 
+    configs = bench.planted.CONFIGS
     root = work / "caching"
     shutil.rmtree(root, ignore_errors=True)
-    heldout_shards = str(root / "heldout_shards")
-    photos = write_sample_corpus(str(root / "heldout_photos"), HELDOUT_IMAGES, seed=HELDOUT_SEED)
+    photos, heldout_shards = heldout_corpus(str(root))
     base = {"storage.run_root": str(root), "distill.epochs": 40, "evaluate.labeled": None}
-    heldout = load_config(CONFIGS, {**base, "shard.input": [photos], "shard.output": heldout_shards, "cache.shards": heldout_shards})
-    shard.run(load_config(CONFIGS, base))
+    heldout = load_config(configs, {**base, **heldout_input(photos, heldout_shards)})
+    shard.run(load_config(configs, base))
     shard.run(heldout)
     heldout_store = teacher_cache.run(heldout).url
     students = {
@@ -374,14 +336,14 @@ def caching_price(work: Path) -> dict:
     }
     out = {}
     for name, extra in students.items():
-        cfg = load_config(CONFIGS, {**base, **extra, "student.name": name, "evaluate.shards": heldout_shards,
+        cfg = load_config(configs, {**base, **extra, "student.name": name, "evaluate.shards": heldout_shards,
                                     "evaluate.store": heldout_store, "evaluate.num_images": HELDOUT_IMAGES})
         if extra.get("distill.targets") != "online":
             teacher_cache.run(cfg)
         distill.run(cfg)
         export.run(cfg)
         report = evaluate.run(cfg)
-        samples_per_s, _ = _steady_rate(join_url(cfg.students_url, name))
+        samples_per_s, _ = steady_rate(join_url(cfg.students_url, name))
         out[f"caching_cosine_heldout_{name}"] = round(report["fidelity"]["student"]["cosine"], 4)
         out[f"caching_outliers_heldout_{name}"] = round(report["norms"]["student"]["outliers_per_image"], 3)
         out[f"caching_samples_per_s_{name}"] = round(samples_per_s, 2)
@@ -390,48 +352,36 @@ def caching_price(work: Path) -> dict:
     return out
 
 
-def planted(work: Path) -> dict:
-    from bench.planted import planted_outliers
+# The sections kept in their own modules. Each wrapper's parameters name what `main` passes it.
 
-    return planted_outliers(str(work / "planted"))
+def planted(work: Path) -> dict:
+    return bench.planted.planted_outliers(str(work / "planted"))
 
 
 def neuron_planted(work: Path) -> dict:
-    from bench.neuron_planted import neuron_planted as measure
-
     shutil.rmtree(work / "neuron_planted", ignore_errors=True)
-    return measure(str(work / "neuron_planted"))
+    return bench.neuron_planted.neuron_planted(str(work / "neuron_planted"))
 
 
 def zeroshot(work: Path) -> dict:
-    from bench.clip_planted import zeroshot_planted
-
     shutil.rmtree(work / "zeroshot", ignore_errors=True)
-    return zeroshot_planted(str(work / "zeroshot"))
+    return bench.clip_planted.zeroshot_planted(str(work / "zeroshot"))
 
 
 def data_path(work: Path, s3: S3) -> dict:
-    from bench.data_path import data_path as measure
-
-    return measure(work, s3)
+    return bench.data_path.data_path(work, s3)
 
 
 def scale(work: Path, s3: S3) -> dict:
-    from bench.scale import scale as measure
-
-    return measure(work, s3)
+    return bench.scale.scale(work, s3)
 
 
 def teacher_sink(work: Path, s3: S3) -> dict:
-    from bench.sink import teacher_sink as measure
-
-    return measure(work, s3)
+    return bench.sink.teacher_sink(work, s3)
 
 
 def gpu(work: Path) -> dict:
-    from bench.gpu import gpu as measure
-
-    return measure(work)
+    return bench.gpu.gpu(work)
 
 
 SECTIONS = {"planning": planning, "flops": flops, "storage": storage, "s3_write": s3_write,

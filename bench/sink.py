@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.data_path import REFERENCE
+from bench.common import REFERENCE
 from pipeline.data.manifest import Unit
 from pipeline.models.vit import describe_teacher
 from pipeline.targets.sink import UnitSink

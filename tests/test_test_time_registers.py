@@ -1,4 +1,4 @@
-"""Test-time registers (pipeline/models/test_time_registers.py) on the neuron-planted teacher
+"""Test-time registers (pipeline/models/register_neurons.py) on the neuron-planted teacher
 (pipeline/models/planted.py), whose artifacts come from 3 known MLP neurons: location finds
 exactly those, the modified model loses the artifacts and keeps everything else, per image and
 per neuron, and the evaluate stage measures it as one more model.
@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluation.metrics import outlier_mask, token_norms
+from pipeline.evaluation.plan import Plan
+from pipeline.evaluation.tasks import ModelRef
 from pipeline.models.planted import NEURON_NAME, NeuronPlantedVisionTransformer
-from pipeline.models.test_time_registers import TestTimeRegisters, locate
+from pipeline.models.register_neurons import TestTimeRegisters, locate
 from pipeline.models.vit import build_student, load_teacher, patch_features, readout
 from stages import evaluate, shard
 from tests.conftest import TINY, tiny_config
-from tests.test_planted import photos
+from tests.test_planted import photos, planted_mask
 
 CFG = TeacherConfig(model=NEURON_NAME, img_size=96)
 
@@ -38,20 +40,13 @@ def planted(model) -> set[tuple[int, int]]:
     return {(model.plant_block, j) for j in model.plant_neurons}
 
 
-def cells(model) -> torch.Tensor:
-    gh, gw = model.patch_embed.grid_size
-    mask = torch.zeros(gh * gw, dtype=torch.bool)
-    mask[model.plant_index] = True
-    return mask.view(gh, gw)
-
-
 def per_image(features: torch.Tensor) -> list[int]:
     return outlier_mask(token_norms(features), 6).flatten(1).sum(1).tolist()
 
 
 def test_the_neurons_make_the_artifacts(teacher, images):
     final, residual, _ = readout(teacher, images, -1)
-    expected = cells(teacher).expand(len(images), -1, -1)
+    expected = planted_mask(teacher).expand(len(images), -1, -1)
     assert torch.equal(outlier_mask(token_norms(final), 6), expected)
     norms = token_norms(residual)
     assert (norms[expected] > 30).all() and (norms[~expected] < 10).all()
@@ -108,7 +103,7 @@ def test_the_baseline_removes_the_artifacts_and_keeps_ordinary_tokens(teacher, i
     assert after.shape == before.shape and attention.shape == images.shape[:1] + before.shape[1:3]
     assert per_image(before) == [3] * len(images) and per_image(after) == [0] * len(images)
     assert (token_norms(after_res) < 10).all()
-    ordinary = ~cells(teacher)
+    ordinary = ~planted_mask(teacher)
     assert F.cosine_similarity(after[:, ordinary], before[:, ordinary], dim=-1).min() > 0.99
     # the artifact now sits on the register token
     with torch.inference_mode():
@@ -208,7 +203,7 @@ def test_bad_baseline_configs_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="baselines"):
         tiny_config(str(tmp_path), **{"evaluate.baselines": ["registers-by-magic"]})
     cfg = tiny_config(str(tmp_path), **{"evaluate.baselines": ["test-time-registers"]})
-    exported = evaluate.Plan("model", [evaluate.ModelRef("r4", export=str(tmp_path / "export"))], None, [], None, None,
+    exported = Plan("model", [ModelRef("r4", export=str(tmp_path / "export"))], None, [], None, None,
                              None, str(tmp_path / "eval"))
     with pytest.raises(ConfigError, match="not from an export folder"):
         evaluate.add_baselines(cfg, exported)
@@ -221,8 +216,8 @@ def test_evaluate_measures_the_baseline_like_any_model(tmp_path, ray_local):
     root = str(tmp_path / "run")
     cfg = tiny_config(root, **{"teacher.model": NEURON_NAME, "teacher.img_size": 96, "teacher.model_kwargs": {},
                                "shard.sample_size": 8, "evaluate.model": NEURON_NAME,
-                               "evaluate.baselines": ["test-time-registers"], "evaluate.ttr_top_k": 3,
-                               "evaluate.ttr_images": 8, "evaluate.num_images": 8, "evaluate.labeled": "sample:labeled"})
+                               "evaluate.baselines": ["test-time-registers"], "evaluate.ttr.top_k": 3,
+                               "evaluate.ttr.images": 8, "evaluate.num_images": 8, "evaluate.labeled": "sample:labeled"})
     shard.run(cfg)
     report = evaluate.run(cfg)
     location = report["baselines"]["test-time-registers"]

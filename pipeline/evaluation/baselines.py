@@ -2,7 +2,7 @@
 pick instead of distilling. Each becomes a `ModelRef` that Ray tasks load like any other
 model, so every metric and picture of the report covers it.
 
-- test-time registers (`pipeline.models.test_time_registers`): the register neurons are
+- test-time registers (`pipeline.models.register_neurons`): the register neurons are
   located once, in one Ray task (`locate_job`), on a handful of images; the baseline is then
   the teacher with those neurons moved to an extra token.
 """
@@ -16,7 +16,7 @@ from pipeline.data.images import Preprocess, crop_box, decode_rgb
 from pipeline.data.manifest import Manifest
 from pipeline.data.shards import read_images
 from pipeline.evaluation.tasks import ModelRef
-from pipeline.models.test_time_registers import locate
+from pipeline.models.register_neurons import locate
 
 TEST_TIME_REGISTERS = "test-time-registers"
 
