@@ -6,6 +6,7 @@ validated. Unknown keys are errors, so a typo never silently falls back to a def
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -97,6 +98,53 @@ class TTAConfig(Section):
     )
 
 
+class Resources(Section):
+    """What each teacher-cache actor or distill worker reserves on the cluster and how its
+    batches are read ahead of the model: the same shape in both stages."""
+
+    use_gpu: bool | None = Field(
+        None, description="One GPU each. Default: when the cluster has GPUs as the stage starts (set true, with "
+        "cluster.autoscaling, on a cluster that starts without GPU nodes)."
+    )
+    cpus: float = Field(1.0, gt=0, description="Logical CPUs each reserves (fractions allowed), its readers' cores included.")
+    threads: int | None = Field(None, ge=1, description="torch threads each uses on the CPU. Default: cpus, at least 1.")
+    readers: int | None = Field(
+        None, ge=0, description="Reader processes each runs to read (and, where needed, decode and crop) its batches "
+        "ahead of the model (0: one thread); the batches are the same whatever the number. Default with a GPU: cpus "
+        "minus one (at least 2); on the CPU 0, where the model's threads already use the cores. Each reader keeps about "
+        "one CPU core busy: reserve them in cpus."
+    )
+    prefetch: int = Field(2, ge=1, description="Batches each reader prepares ahead of the model.")
+
+
+class DistillResources(Resources):
+    """`Resources` with the distill workers' default read-ahead: a training step is shorter
+    than a teacher batch, so each reader keeps more batches ready."""
+
+    prefetch: int = Field(4, ge=1, description="Batches each reader prepares ahead of the model.")
+
+
+def _resource_keys(per: str) -> dict[str, tuple[str, str]]:
+    """The flat resource keys a stage had before `resources` (per: "actor" or "worker")."""
+    return {"use_gpu": ("resources", "use_gpu"), f"cpus_per_{per}": ("resources", "cpus"),
+            f"threads_per_{per}": ("resources", "threads"), "readers": ("resources", "readers"),
+            "prefetch": ("resources", "prefetch")}
+
+
+def _moved(section: str, data, renames: dict[str, tuple[str, str]]):
+    """Flat keys of configs written before a section's options were grouped: each still loads
+    into its new place, with a warning naming it."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for old, (group, key) in renames.items():
+        if old in data:
+            warnings.warn(f"{section}.{old} is now {section}.{group}.{key}", FutureWarning, stacklevel=2)
+            nested = data.get(group) or {}
+            data[group] = {**(nested if isinstance(nested, dict) else nested.model_dump(exclude_unset=True)), key: data.pop(old)}
+    return data
+
+
 class CacheConfig(Section):
     shards: str | None = Field(None, description="Shard folder holding manifest.json. Default: the shard stage's output.")
     root: str | None = Field(None, description="Root of the target stores. Default: <run_root>/cache.")
@@ -109,21 +157,11 @@ class CacheConfig(Section):
     )
     batch_images: int = Field(4, ge=1, description="Images per teacher forward (times `counts` views).")
     num_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="Teacher actors. auto: one per GPU, else one per cpus_per_actor CPUs. A number the cluster "
+        "auto", description="Teacher actors. auto: one per GPU, else one per resources.cpus CPUs. A number the cluster "
         "cannot place is refused before any compute."
     )
-    use_gpu: bool | None = Field(
-        None, description="One GPU per actor. Default: when the cluster has GPUs as the stage starts (set true, with "
-        "cluster.autoscaling, on a cluster that starts without GPU nodes)."
-    )
-    cpus_per_actor: float = Field(1.0, gt=0, description="Logical CPUs each actor reserves (fractions allowed).")
-    threads_per_actor: int | None = Field(None, ge=1, description="torch threads per actor on the CPU. Default: cpus_per_actor, at least 1.")
-    prefetch: int = Field(2, ge=1, description="Batches decoded ahead of the model by each reader.")
-    readers: int | None = Field(
-        None, ge=0, description="Reader processes per actor that fetch, decode and crop images ahead of the model (0: one "
-        "thread of the actor). Default with a GPU: cpus_per_actor minus one (at least 2); on the CPU 0, where the model's "
-        "threads already use the actor's cores. Each reader is about one CPU core busy: reserve them in cpus_per_actor."
-    )
+    resources: Resources = Field(default_factory=lambda: Resources(), description="What each teacher actor reserves and "
+                                 "how its images are read: a mapping of the options of Resources.")
     codec: Literal["none", "lz4", "zstd"] = Field(
         "none", description="Compression of a new store's targets. Dense features barely compress (zstd saves about a "
         "tenth of float16 targets) and undoing zstd costs a reader more than decoding the image (BENCHMARKS.md, Data "
@@ -156,6 +194,11 @@ class CacheConfig(Section):
     @property
     def crop_mode(self) -> str:
         return self.crop or ("center" if self.variants == 1 else "random")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_resources(cls, data):
+        return _moved("cache", data, _resource_keys("actor"))
 
 
 PHREG_UNLOCK = ["reg_token", "pos_embed", "patch_embed.proj.*", "blocks.{last}.*"]
@@ -201,15 +244,14 @@ class DistillConfig(Section):
         "decays between epochs, as the reference implementation's per-epoch ExponentialLR: epoch e trains at "
         "lr * (final_lr / lr) ** ((e + 1) / epochs), the last one at final_lr."
     )
-    weight_decay: float = Field(1e-2, ge=0)
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     mse_scale: float = Field(1.0, ge=0, description="Weight of the MSE term next to (1 - cosine).")
     num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Ray Train workers (DDP ranks). auto: one per GPU when training on GPUs, else 1. A number the "
-        "cluster cannot place (GPUs, or CPUs per worker) is refused before any compute."
+        "cluster cannot place (GPUs, or resources.cpus per worker) is refused before any compute."
     )
-    use_gpu: bool | None = Field(None, description="One GPU per worker. Default: when the cluster has GPUs.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
-    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker on the CPU. Default: cpus_per_worker.")
+    resources: DistillResources = Field(default_factory=lambda: DistillResources(), description="What each worker "
+                                 "reserves and how its batches are read: a mapping of the options of DistillResources.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")
     keep_last: int = Field(2, ge=1, description="Latest checkpoints kept for resuming (older ones are deleted).")
     keep_every_epochs: int | None = Field(
@@ -220,18 +262,16 @@ class DistillConfig(Section):
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting at the last checkpoint).")
     seed: int = Field(0, description="Seed of the data order and of the student-side flips.")
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="Probability of mirroring image and cached target together.")
-    prefetch: int = Field(4, ge=1, description="Batches each reader prepares ahead of the training step.")
-    readers: int | None = Field(
-        None, ge=0, description="Reader processes per worker that read (and, for stores without crops, decode and crop) "
-        "its batches (0: one thread of the worker); the batches are the same whatever the number. Default with a GPU: "
-        "cpus_per_worker minus one for the training loop (at least 2); on the CPU 0, where training uses the worker's "
-        "cores. Reserve the readers' cores in cpus_per_worker."
-    )
     compile: bool = Field(
         False, description="torch.compile the student's forward and loss (fixed batch shapes: one compilation, paid by "
         "the first step). Worth it on a GPU; on the CPU it only adds compile time."
     )
     output: str | None = Field(None, description="Folder of the student runs. Default: <run_root>/students.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_resources(cls, data):
+        return _moved("distill", data, _resource_keys("worker"))
 
 
 class ExportConfig(Section):
@@ -244,7 +284,7 @@ class ExportConfig(Section):
 
 
 class ZeroShotConfig(Section):
-    """Zero-shot open-vocabulary segmentation (README "CLIP recipe"); defaults: the PH-Reg /
+    """Zero-shot open-vocabulary segmentation (docs/clip-zeroshot.md); defaults: the PH-Reg /
     NACLIP protocol for most benchmarks."""
 
     labeled: str | None = Field(
@@ -267,6 +307,88 @@ class ZeroShotConfig(Section):
     logit_scale: float = Field(40.0, gt=0, description="Cosines are multiplied by this before the softmax over queries.")
     prob_threshold: float = Field(0.0, ge=0, le=1, description="Pixels whose best class probability is below this become "
                                   "class 0 (background): 0.1 for VOC21, Context60, COCO-Object; 0 disables.")
+
+
+class TestTimeRegistersConfig(Section):
+    """Where the test-time-registers baseline (evaluate.baselines) finds its register neurons."""
+
+    images: int = Field(16, ge=1, description="Images the register neurons are located on (from the "
+        "training shards when they exist, else the evaluated shards).")
+    detect_block: int = Field(-1, description="Block whose output norms define the outlier tokens "
+        "(published: -1 for CLIP, -2 for DINOv2-L).")
+    threshold: float | None = Field(None, gt=0, description="Norm above which a token at "
+        "detect_block is an outlier. Default: mean + 3 sigma of the patch norms there.")
+    max_block: int | None = Field(None, description="Last block whose neurons are considered. "
+        "Default: the first block where the outlier tokens stand out.")
+    top_k: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Register neurons moved. 'auto' sweeps k until the outliers at "
+        "detect_block vanish on the location images, as the paper does (it found 10 for OpenCLIP-B/16, 45 for DINOv2-L).")
+    max_top_k: int = Field(64, ge=1, description="Largest k the 'auto' sweep tries.")
+
+
+class ProbeConfig(Section):
+    """Dense linear probes (evaluate.labeled): ridge, or the trained protocols of DINOv2 / PH-Reg."""
+
+    ridge: float = Field(1e-3, ge=0, description="Ridge penalty of the linear probes, relative to the mean feature energy.")
+    protocol: Literal["ridge", "trained"] = Field(
+        "ridge", description="'ridge': closed-form ridge probes on patch-level targets (fast, not comparable with published "
+        "tables). 'trained': the DINOv2 / PH-Reg linear protocols: a 1x1-conv head trained with AdamW on augmented crops "
+        "(segmentation: BatchNorm + conv, cross-entropy, poly schedule, scored with sliding windows at short side "
+        "short_side; depth: conv alone, 256 bins on patch + class tokens, SigLog + gradient loss, cosine schedule with "
+        "warm-up, sliding windows at each val image's own resolution). One Ray task per model and kind.",
+    )
+    iterations: int = Field(
+        300, ge=1, description="Trained probes: training steps of each head (one frozen forward of batch_size windows "
+        "each). The default suits a CPU check; the published protocols train 40k (VOC, ADE20K) to 80k steps on a GPU.",
+    )
+    batch_size: int = Field(8, ge=1, description="Trained probes: augmented windows per training step.")
+    lr: float = Field(
+        1e-3, gt=0, description="Trained segmentation probe: AdamW learning rate (weight decay 1e-4), decayed to 0 by mmseg's "
+        "poly schedule of power 0.9 (PH-Reg's ADE20K config).",
+    )
+    stride: float = Field(
+        2 / 3, gt=0, le=1, description="Trained probes: sliding-window stride at inference, as a fraction of the window "
+        "(the model's input); mmseg's 341 of 512 px.",
+    )
+    short_side: Annotated[int, Field(ge=1)] | Literal["window"] | None = Field(
+        "window", description="Trained segmentation probe: each val image is resized to this short side (px; the long side "
+        "at most 4x it) before the sliding windows, and the logits back to its own pixels for scoring (mmseg's Resize + "
+        "slide inference). 'window': the window's short side, the model's input (PH-Reg: 518 px windows at short side 518); "
+        "null: each image at its own resolution.",
+    )
+    depth_lr: float = Field(
+        5e-3, gt=0, description="Trained depth probe: AdamW learning rate (DINOv2's linear depth head, PH-Reg's NYUv2 config).",
+    )
+    depth_weight_decay: float = Field(1e-2, ge=0, description="Trained depth probe: AdamW weight decay (DINOv2, PH-Reg: 0.01).")
+    depth_warmup: float = Field(
+        12800 / 30000, ge=0, lt=1, description="Trained depth probe: fraction of iterations spent in mmcv's linear "
+        "warm-up (from 1e-3 of the lr) of the cosine schedule (to 1e-8 of the lr); PH-Reg: 12,800 of 30,000 iterations.",
+    )
+    depth_bins: int = Field(256, ge=2, description="Trained depth probe: linear depth bins the head classifies into.")
+    min_depth: float = Field(
+        0.001, gt=0, description="Trained depth probe: first bin centre (metres); ground truth at or below it is not scored.",
+    )
+    max_depth: float = Field(
+        10.0, gt=0, description="Trained depth probe: last bin centre (metres); ground truth at or above it is not scored "
+        "(NYUv2: 10, KITTI: 80).",
+    )
+    siglog_lambda: float = Field(
+        0.85, ge=0, le=1, description="Trained depth probe: lambda of the SigLog loss sqrt(mean g^2 - lambda mean(g)^2) "
+        "(1 = fully scale-invariant; DINOv2 and BinsFormer use 0.85).",
+    )
+    gradient_weight: float = Field(
+        0.5, ge=0, description="Trained depth probe: weight of the multi-scale gradient loss beside SigLog (DINOv2: 0.5).",
+    )
+    eigen_crop: bool = Field(
+        False, description="Trained depth probe: score only inside Eigen's NYUv2 crop (rows 45-471, columns 41-601 of "
+        "480x640, scaled to the image). Turn on for NYUv2; the generated set has no such border.",
+    )
+
+    @model_validator(mode="after")
+    def _depth_range(self):
+        if self.min_depth >= self.max_depth:
+            raise ValueError("evaluate.probes.min_depth must be below evaluate.probes.max_depth")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -300,18 +422,9 @@ class EvaluateConfig(Section):
         default_factory=list, description="Also evaluate these training-free alternatives built from the teacher (or "
         "evaluate.model): 'test-time-registers' (Jiang et al. 2025: register neurons' activations moved to one extra token).",
     )
-    ttr_images: int = Field(16, ge=1, description="Test-time registers: images the register neurons are located on (from the "
-                            "training shards when they exist, else the evaluated shards).")
-    ttr_detect_block: int = Field(-1, description="Test-time registers: block whose output norms define the outlier tokens "
-                                  "(published: -1 for CLIP, -2 for DINOv2-L).")
-    ttr_threshold: float | None = Field(None, gt=0, description="Test-time registers: norm above which a token at "
-                                        "ttr_detect_block is an outlier. Default: mean + 3 sigma of the patch norms there.")
-    ttr_max_block: int | None = Field(None, description="Test-time registers: last block whose neurons are considered. "
-                                      "Default: the first block where the outlier tokens stand out.")
-    ttr_top_k: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="Test-time registers: register neurons moved. 'auto' sweeps k until the outliers at "
-        "ttr_detect_block vanish on the location images, as the paper does (it found 10 for OpenCLIP-B/16, 45 for DINOv2-L).")
-    ttr_max_top_k: int = Field(64, ge=1, description="Test-time registers: largest k the 'auto' sweep tries.")
+    ttr: TestTimeRegistersConfig = Field(
+        default_factory=lambda: TestTimeRegistersConfig(), description="How the test-time-registers baseline locates its "
+        "register neurons: a mapping of the options of TestTimeRegistersConfig.")
     # Artifact tokens
     outlier_k: float = Field(6.0, gt=0, description="A token is an outlier when its norm exceeds median + k * MAD of its image.")
     min_mad: float = Field(
@@ -329,65 +442,13 @@ class EvaluateConfig(Section):
     abs_threshold_final: float | None = Field(None, gt=0, description="Also count final-layer tokens whose norm exceeds this value.")
     # Dense linear probes
     labeled: str | None = Field(
-        None, description="Labeled set for linear probes (segmentation masks and/or depth maps, layout in README), or "
+        None, description="Labeled set for linear probes (segmentation masks and/or depth maps, layout in docs/evaluation.md), or "
         "'sample:labeled' for the small generated one. Default: no probes.",
     )
-    probe_ridge: float = Field(1e-3, ge=0, description="Ridge penalty of the linear probes, relative to the mean feature energy.")
-    probe_protocol: Literal["ridge", "trained"] = Field(
-        "ridge", description="'ridge': closed-form ridge probes on patch-level targets (fast, not comparable with published "
-        "tables). 'trained': the DINOv2 / PH-Reg linear protocols: a 1x1-conv head trained with AdamW on augmented crops "
-        "(segmentation: BatchNorm + conv, cross-entropy, poly schedule, scored with sliding windows at short side "
-        "probe_short_side; depth: conv alone, 256 bins on patch + class tokens, SigLog + gradient loss, cosine schedule with "
-        "warm-up, sliding windows at each val image's own resolution). One Ray task per model and kind.",
-    )
-    probe_iterations: int = Field(
-        300, ge=1, description="Trained probes: training steps of each head (one frozen forward of probe_batch_size windows "
-        "each). The default suits a CPU check; the published protocols train 40k (VOC, ADE20K) to 80k steps on a GPU.",
-    )
-    probe_batch_size: int = Field(8, ge=1, description="Trained probes: augmented windows per training step.")
-    probe_lr: float = Field(
-        1e-3, gt=0, description="Trained segmentation probe: AdamW learning rate (weight decay 1e-4), decayed to 0 by mmseg's "
-        "poly schedule of power 0.9 (PH-Reg's ADE20K config).",
-    )
-    probe_stride: float = Field(
-        2 / 3, gt=0, le=1, description="Trained probes: sliding-window stride at inference, as a fraction of the window "
-        "(the model's input); mmseg's 341 of 512 px.",
-    )
-    probe_short_side: Annotated[int, Field(ge=1)] | Literal["window"] | None = Field(
-        "window", description="Trained segmentation probe: each val image is resized to this short side (px; the long side "
-        "at most 4x it) before the sliding windows, and the logits back to its own pixels for scoring (mmseg's Resize + "
-        "slide inference). 'window': the window's short side, the model's input (PH-Reg: 518 px windows at short side 518); "
-        "null: each image at its own resolution.",
-    )
-    probe_depth_lr: float = Field(
-        5e-3, gt=0, description="Trained depth probe: AdamW learning rate (DINOv2's linear depth head, PH-Reg's NYUv2 config).",
-    )
-    probe_depth_weight_decay: float = Field(1e-2, ge=0, description="Trained depth probe: AdamW weight decay (DINOv2, PH-Reg: 0.01).")
-    probe_depth_warmup: float = Field(
-        12800 / 30000, ge=0, lt=1, description="Trained depth probe: fraction of probe_iterations spent in mmcv's linear "
-        "warm-up (from 1e-3 of the lr) of the cosine schedule (to 1e-8 of the lr); PH-Reg: 12,800 of 30,000 iterations.",
-    )
-    probe_depth_bins: int = Field(256, ge=2, description="Trained depth probe: linear depth bins the head classifies into.")
-    probe_min_depth: float = Field(
-        0.001, gt=0, description="Trained depth probe: first bin centre (metres); ground truth at or below it is not scored.",
-    )
-    probe_max_depth: float = Field(
-        10.0, gt=0, description="Trained depth probe: last bin centre (metres); ground truth at or above it is not scored "
-        "(NYUv2: 10, KITTI: 80).",
-    )
-    probe_siglog_lambda: float = Field(
-        0.85, ge=0, le=1, description="Trained depth probe: lambda of the SigLog loss sqrt(mean g^2 - lambda mean(g)^2) "
-        "(1 = fully scale-invariant; DINOv2 and BinsFormer use 0.85).",
-    )
-    probe_gradient_weight: float = Field(
-        0.5, ge=0, description="Trained depth probe: weight of the multi-scale gradient loss beside SigLog (DINOv2: 0.5).",
-    )
-    probe_eigen_crop: bool = Field(
-        False, description="Trained depth probe: score only inside Eigen's NYUv2 crop (rows 45-471, columns 41-601 of "
-        "480x640, scaled to the image). Turn on for NYUv2; the generated set has no such border.",
-    )
+    probes: ProbeConfig = Field(default_factory=lambda: ProbeConfig(), description="Dense linear probes on the labeled "
+                                "set: a mapping of the options of ProbeConfig (docs/evaluation.md).")
     zeroshot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, description="Zero-shot segmentation with CLIP-space "
-                                     "features: a mapping of the options of ZeroShotConfig (README, 'CLIP recipe').")
+                                     "features: a mapping of the options of ZeroShotConfig (docs/clip-zeroshot.md).")
     # Running and writing
     pca_images: int = Field(4, ge=1, description="Images shown in the pictures (PCA feature maps, norm and attention maps).")
     images_per_task: int = Field(8, ge=1, description="Images per Ray task (each task loads the models once).")
@@ -395,11 +456,21 @@ class EvaluateConfig(Section):
         None, description="Report folder. Default: <run_root>/eval/<student.name>, or <run_root>/eval/<model> with evaluate.model.",
     )
 
-    @model_validator(mode="after")
-    def _depth_range(self):
-        if self.probe_min_depth >= self.probe_max_depth:
-            raise ValueError("evaluate.probe_min_depth must be below evaluate.probe_max_depth")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_names(cls, data):
+        if not isinstance(data, dict):
+            return data
+        renames = {k: ("ttr", k[len("ttr_"):]) for k in data if k.startswith("ttr_")}
+        renames |= {k: ("probes", k[len("probe_"):]) for k in data if k.startswith("probe_")}
+        return _moved("evaluate", data, renames)
+        data = dict(data)
+        for old in [k for k in data if k.startswith(("ttr_", "probe_"))]:
+            section, key = ("ttr", old[len("ttr_"):]) if old.startswith("ttr_") else ("probes", old[len("probe_"):])
+            warnings.warn(f"evaluate.{old} is now evaluate.{section}.{key}", FutureWarning, stacklevel=2)
+            nested = data.get(section) or {}
+            data[section] = {**(nested if isinstance(nested, dict) else nested.model_dump()), key: data.pop(old)}
+        return data
 
 
 class TrackingConfig(Section):
@@ -419,17 +490,26 @@ class ClusterConfig(Section):
 
 
 class Config(Section):
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    shard: ShardConfig = Field(default_factory=ShardConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    tta: TTAConfig = Field(default_factory=TTAConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Where a run writes, and the fsspec options of every URL.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="What the Ray cluster may do to place a run's workers.")
+    shard: ShardConfig = Field(default_factory=ShardConfig, description="The shard stage: images to WebDataset shards and a manifest.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The frozen teacher: timm model, weights, input size.")
+    tta: TTAConfig = Field(default_factory=TTAConfig, description="Test-time augmentation that denoises the teacher's targets.")
+    cache: CacheConfig = Field(
+        default_factory=CacheConfig, description="The teacher-cache stage: how targets are stored, and the actors that compute them."
+    )
+    student: StudentConfig = Field(
+        default_factory=StudentConfig, description="The student: registers, trainable parameters, optionally another architecture."
+    )
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="The distill stage: optimisation, Ray Train workers, readers, checkpoints."
+    )
+    export: ExportConfig = Field(default_factory=ExportConfig, description="The export stage: a student checkpoint to a timm hub folder.")
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="The evaluate stage: what is evaluated, baselines, artifact-token rules, "
+        "linear probes, zero-shot segmentation, report."
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard event files and MLflow runs.")
     students: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Several students from one cache: each entry overrides sections of this config, e.g. "

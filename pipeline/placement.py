@@ -66,7 +66,7 @@ def plan_workers(what: str, requested: int | Literal["auto"], use_gpu: bool, cpu
 
 
 def default_readers(configured: int | None, on_gpu: bool, cpus: float) -> int:
-    """`cache.readers` / `distill.readers`, else, feeding a GPU, the worker's CPUs minus one
+    """`cache.resources.readers` / `distill.resources.readers`, else, feeding a GPU, the worker's CPUs minus one
     for the loop that drives the model (never fewer than 2); none on the CPU, where the model's
     own threads already use the worker's cores."""
     if configured is not None:

@@ -6,7 +6,8 @@ import ray
 from pipeline.config import Config
 from pipeline.data.manifest import Manifest
 from pipeline.errors import PipelineError
-from pipeline.targets.store import TargetStore, list_stores, locate_store
+from pipeline.models.vit import describe_teacher
+from pipeline.targets.store import TargetStore, list_stores, locate_store, store_spec
 from pipeline.targets.store_check import check_layout, check_unit
 from stages.runtime import init_ray, progress, say
 
@@ -23,7 +24,8 @@ def verify(cfg: Config) -> list[str]:
     """Check the store against its manifest; raise with every problem found."""
     so = cfg.storage.storage_options
     manifest = Manifest.load(cfg.cache_shards_url, so)
-    store = locate_store(cfg, manifest)
+    spec = store_spec(cfg.tta, cfg.cache, describe_teacher(cfg.teacher, so), manifest)
+    store = locate_store(spec, cfg.cache_root, manifest, so, cfg.distill.store)
     problems = check_layout(store, manifest)
     done = store.completed()  # one listing, not one per unit
     units = [u for u in manifest.units() if u.id in done]

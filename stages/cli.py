@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 
 import yaml
 from pydantic import BaseModel
@@ -16,21 +17,34 @@ from pydantic import BaseModel
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 
+@dataclass(frozen=True)
+class Command:
+    help: str
+    sections: list[str]  # the config sections whose options are its flags
+    entry: str  # "module:function" that runs it on the loaded config (imported only then)
+
+
+EVERYTHING = list(Config.model_fields)
 COMMANDS = {
-    "shard": ("Images -> WebDataset shards + manifest.", ["storage", "shard"]),
-    "teacher-cache": ("Shards -> denoised teacher targets (Zarr v3 store).", ["storage", "cluster", "shard", "teacher", "tta", "cache", "tracking"]),
-    "distill": ("Target store -> student checkpoints (Ray Train).",
-                ["storage", "cluster", "shard", "teacher", "tta", "cache", "student", "distill", "tracking", "students"]),
-    "export": ("Student checkpoint -> timm hub folder.", ["storage", "student", "distill", "export", "tracking", "students"]),
-    "evaluate": ("Artifact tokens, target fidelity, linear probes and pictures: teacher vs targets vs student, or one model.",
-                 ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "tracking", "students"]),
-    "import-dinov2": ("A released PH-Reg DINOv2 student (.pth: Hugging Face Dinov2Model + registers, --export.checkpoint) "
-                      "-> timm hub folder of architecture --teacher.model at --export.output.",
-                      ["storage", "teacher", "student", "export"]),
-    "verify": ("Check a target store against its manifest; exit non-zero on any problem.",
-               ["storage", "shard", "teacher", "tta", "cache", "distill"]),
-    "list": ("List the target stores under the cache root with their settings and completeness.", ["storage", "cache"]),
-    "demo": ("shard -> teacher-cache -> distill -> export -> evaluate.", list(Config.model_fields)),
+    "shard": Command("Images -> WebDataset shards + manifest.", ["storage", "shard"], "stages.shard:run"),
+    "teacher-cache": Command("Shards -> denoised teacher targets (Zarr v3 store).",
+                             ["storage", "cluster", "shard", "teacher", "tta", "cache", "tracking"], "stages.teacher_cache:run"),
+    "distill": Command("Target store -> student checkpoints (Ray Train).",
+                       ["storage", "cluster", "shard", "teacher", "tta", "cache", "student", "distill", "tracking", "students"],
+                       "stages.distill:run"),
+    "export": Command("Student checkpoint -> timm hub folder.",
+                      ["storage", "student", "distill", "export", "tracking", "students"], "stages.export:run"),
+    "evaluate": Command("Artifact tokens, target fidelity, linear probes and pictures: teacher vs targets vs student, or one model.",
+                        ["storage", "shard", "teacher", "tta", "cache", "student", "export", "evaluate", "tracking", "students"],
+                        "stages.evaluate:run"),
+    "import-dinov2": Command("A released PH-Reg DINOv2 student (.pth: Hugging Face Dinov2Model + registers, "
+                             "--export.checkpoint) -> timm hub folder of architecture --teacher.model at --export.output.",
+                             ["storage", "teacher", "student", "export"], "stages.export:import_dinov2"),
+    "verify": Command("Check a target store against its manifest; exit non-zero on any problem.",
+                      ["storage", "shard", "teacher", "tta", "cache", "distill"], "stages.caches:verify"),
+    "list": Command("List the target stores under the cache root with their settings and completeness.",
+                    ["storage", "cache"], "stages.caches:list_caches"),
+    "demo": Command("shard -> teacher-cache -> distill -> export -> evaluate.", EVERYTHING, "stages.demo:run"),
 }
 
 
@@ -51,11 +65,11 @@ def _describe(field) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phreg", description="Post-hoc registers for pretrained ViTs, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name, (help_text, sections) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="YAML config; repeat to layer files (later ones win).")
-        for section in sections:
+        for section in command.sections:
             field = Config.model_fields[section]
             model = field.annotation
             if not (isinstance(model, type) and issubclass(model, BaseModel)):  # a top-level value, e.g. students
@@ -121,19 +135,6 @@ def is_storage_error(e: BaseException) -> bool:
     return isinstance(e, OSError) or module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "fsspec"))
 
 
-ENTRY_POINTS = {
-    "shard": "stages.shard:run",
-    "teacher-cache": "stages.teacher_cache:run",
-    "distill": "stages.distill:run",
-    "export": "stages.export:run",
-    "evaluate": "stages.evaluate:run",
-    "import-dinov2": "stages.export:import_dinov2",
-    "verify": "stages.caches:verify",
-    "list": "stages.caches:list_caches",
-    "demo": "stages.demo:run",
-}
-
-
 def run(command: str, cfg: Config):
-    module, function = ENTRY_POINTS[command].split(":")
+    module, function = COMMANDS[command].entry.split(":")
     return getattr(importlib.import_module(module), function)(cfg)

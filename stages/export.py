@@ -11,7 +11,7 @@ from pipeline.models.vit import PatchFeatures
 from pipeline.storage import join_url
 from pipeline.training import checkpoint
 from stages.runtime import say
-from stages.tracking import log_export
+from pipeline.tracking import log_export
 
 
 def run(cfg: Config) -> list[str]:

@@ -41,10 +41,6 @@ def debugging() -> bool:
     return bool(os.environ.get("PHREG_DEBUG"))
 
 
-def cluster_cpus() -> float:
-    return ray.cluster_resources().get("CPU", 1.0)
-
-
 def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0.0)
 

@@ -14,12 +14,12 @@ from ray.util import ActorPool
 from pipeline.config import Config
 from pipeline.data.manifest import Manifest, Unit
 from pipeline.models.vit import describe_teacher
-from pipeline.placement import default_readers, fits_on, plan_workers
+from pipeline.placement import cluster_gpus, default_readers, fits_on, plan_workers
 from pipeline.targets.lease import Lease
 from pipeline.targets.store import TargetStore, store_spec
 from pipeline.targets.teacher_targets import TeacherTargets
-from stages.runtime import cluster_gpus, cluster_nodes, init_ray, progress, say
-from stages.tracking import log_cache_run
+from pipeline.tracking import log_cache_run
+from stages.runtime import cluster_nodes, init_ray, progress, say
 
 
 @ray.remote(max_restarts=2, max_task_retries=2)
@@ -28,10 +28,10 @@ class CacheActor:
         # a GPU only if Ray gave this actor one: a CPU actor on a GPU node stays on the CPU
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not use_gpu:
-            torch.set_num_threads(cfg.cache.threads_per_actor or max(1, int(cfg.cache.cpus_per_actor)))
-        readers = default_readers(cfg.cache.readers, use_gpu, cfg.cache.cpus_per_actor)
+            torch.set_num_threads(cfg.cache.resources.threads or max(1, int(cfg.cache.resources.cpus)))
+        readers = default_readers(cfg.cache.resources.readers, use_gpu, cfg.cache.resources.cpus)
         self.targets = TeacherTargets(
-            cfg.teacher, store, manifest, cfg.cache.batch_images, cfg.cache.prefetch,
+            cfg.teacher, store, manifest, cfg.cache.batch_images, cfg.cache.resources.prefetch,
             device="cuda" if use_gpu else "cpu", storage_options=cfg.storage.storage_options, readers=readers,
             skip_bad=cfg.cache.on_bad_image == "skip", compile=cfg.cache.compile,
         )
@@ -41,7 +41,7 @@ class CacheActor:
 
 
 def open_store(cfg: Config, manifest: Manifest) -> TargetStore:
-    spec = store_spec(cfg, describe_teacher(cfg.teacher, cfg.storage.storage_options), manifest)
+    spec = store_spec(cfg.tta, cfg.cache, describe_teacher(cfg.teacher, cfg.storage.storage_options), manifest)
     return TargetStore.create_or_open(cfg.cache_root, spec, manifest.url, manifest.num_rows, cfg.storage.storage_options,
                                       codec=cfg.cache.codec, crops=cfg.cache.store_crops)
 
@@ -67,14 +67,14 @@ def compute(cfg: Config, store: TargetStore, manifest: Manifest, todo: list[Unit
         return {"images": 0, "units": 0, "actors": 0, "seconds": 0.0, "images_per_s": 0.0, "stored_bytes": 0}
     init_ray()
     c = cfg.cache
-    use_gpu = c.use_gpu if c.use_gpu is not None else cluster_gpus() >= 1
     nodes = cluster_nodes()
+    use_gpu = c.resources.use_gpu if c.resources.use_gpu is not None else cluster_gpus(nodes) >= 1
     # on CPUs, auto is as many actors as the nodes hold
-    n = plan_workers("cache.num_actors", c.num_actors, use_gpu, c.cpus_per_actor, nodes,
-                     cpu_default=max(1, sum(fits_on(node, c.cpus_per_actor, False) for node in nodes)),
+    n = plan_workers("cache.num_actors", c.num_actors, use_gpu, c.resources.cpus, nodes,
+                     cpu_default=max(1, sum(fits_on(node, c.resources.cpus, False) for node in nodes)),
                      autoscaling=cfg.cluster.autoscaling)
     n = min(n, len(todo))
-    options = {"num_cpus": cfg.cache.cpus_per_actor, **({"num_gpus": 1} if use_gpu else {})}
+    options = {"num_cpus": c.resources.cpus, **({"num_gpus": 1} if use_gpu else {})}
     actors = [CacheActor.options(**options).remote(cfg, store, manifest) for _ in range(n)]
     # Several units per task keep an actor's reader, model and writer busy across units;
     # about four tasks per actor still balance the load.

@@ -145,8 +145,8 @@ def test_stages_run_as_jobs_on_both_nodes(cluster, s3_bucket, tmp_path):
 
     url, options = s3_bucket
     # One CPU per node and one per actor / worker: the two must land on different nodes.
-    cfg = tiny_config(url, options, **{"cache.num_actors": 2, "cache.cpus_per_actor": 1,
-                                       "distill.num_workers": 2, "distill.cpus_per_worker": 1})
+    cfg = tiny_config(url, options, **{"cache.num_actors": 2, "cache.resources.cpus": 1,
+                                       "distill.num_workers": 2, "distill.resources.cpus": 1})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 

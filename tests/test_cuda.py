@@ -38,8 +38,8 @@ def gpu_run(tmp_path_factory, ray_local):
     root = str(tmp_path_factory.mktemp("cuda") / "run")
     cfg = tiny_config(root)
     shard.run(cfg)
-    cpu = teacher_cache.run(tiny_config(root, **{"cache.use_gpu": False, "cache.root": f"{root}/cache-cpu"}))
-    gpu = teacher_cache.run(tiny_config(root, **{"cache.use_gpu": True, "cache.readers": 2, "cache.root": f"{root}/cache-gpu"}))
+    cpu = teacher_cache.run(tiny_config(root, **{"cache.resources.use_gpu": False, "cache.root": f"{root}/cache-cpu"}))
+    gpu = teacher_cache.run(tiny_config(root, **{"cache.resources.use_gpu": True, "cache.resources.readers": 2, "cache.root": f"{root}/cache-gpu"}))
     return root, cpu, gpu
 
 
@@ -118,7 +118,7 @@ def test_teacher_targets_on_the_gpu_match_each_image_alone(gpu_run):
 
 def test_distill_and_export_on_the_gpu(gpu_run):
     root, _, store = gpu_run
-    cfg = tiny_config(root, **{"distill.use_gpu": True, "distill.readers": 2, "distill.store": store.url,
+    cfg = tiny_config(root, **{"distill.resources.use_gpu": True, "distill.resources.readers": 2, "distill.store": store.url,
                                "student.name": "gpu"})
     (result,) = distill.run(cfg)
     assert result.metrics["step"] == 12

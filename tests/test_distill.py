@@ -24,7 +24,7 @@ from pipeline.models.export import load_exported_features, max_output_difference
 from pipeline.models.vit import PatchFeatures, describe_teacher
 from pipeline.storage import join_url
 from pipeline.targets.store import store_spec
-from pipeline.targets.teacher_targets import prepare
+from pipeline.targets.views import prepare
 from pipeline.training import checkpoint
 from pipeline.training.pairs import CachedPairs, OnlineViews
 from stages import distill, export, shard, teacher_cache
@@ -51,7 +51,7 @@ def _events(cfg, name=None):
 def test_online_views_are_new_every_epoch_and_match_cached_variants(cached):
     cfg = tiny_config(cached)
     manifest = Manifest.load(cfg.shards_url)
-    spec = replace(store_spec(cfg, describe_teacher(cfg.teacher), manifest), crop="random")
+    spec = replace(store_spec(cfg.tta, cfg.cache, describe_teacher(cfg.teacher), manifest), crop="random")
     views = OnlineViews(manifest, Preprocess.from_dict(spec.teacher["preprocess"]), spec=spec)
     plan = [(0, np.array([1]))]
     e0, e1 = next(views.examples(plan, 0)), next(views.examples(plan, 1))

@@ -8,6 +8,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluation import metrics
+from pipeline.evaluation.plan import export_folder
 from pipeline.models.vit import load_teacher, patch_features, readout
 from stages import evaluate, shard
 from tests.conftest import tiny_config
@@ -96,10 +97,10 @@ def test_no_class_token_no_attention():
 
 
 def test_model_or_export_folder(tmp_path):
-    assert evaluate.export_folder("vit_small_patch14_dinov2") is None
-    assert evaluate.export_folder(str(tmp_path)) == str(tmp_path)
-    assert evaluate.export_folder("local-dir:relative/folder") == os.path.abspath("relative/folder")
-    assert evaluate.export_folder("s3://bucket/exports/r16") == "s3://bucket/exports/r16"
+    assert export_folder("vit_small_patch14_dinov2") is None
+    assert export_folder(str(tmp_path)) == str(tmp_path)
+    assert export_folder("local-dir:relative/folder") == os.path.abspath("relative/folder")
+    assert export_folder("s3://bucket/exports/r16") == "s3://bucket/exports/r16"
 
 
 @pytest.mark.slow

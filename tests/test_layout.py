@@ -11,7 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipeline"
-TOP = {"config", "storage", "errors", "placement"}
+TOP = {"config", "storage", "errors", "placement", "tracking"}
 # What each part of `pipeline` may import, besides itself.
 ALLOWED = {
     "top": set(),

@@ -67,7 +67,7 @@ def test_the_demo_config_fits_machines_with_zero_one_or_several_gpus(nodes, work
     from stages.distill import placed
 
     cfg = placed(load_config(["configs/demo.yaml"]), nodes)
-    assert (cfg.distill.num_workers, cfg.distill.use_gpu) == (workers, use_gpu)
+    assert (cfg.distill.num_workers, cfg.distill.resources.use_gpu) == (workers, use_gpu)
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_the_cli_refuses_workers_a_gpu_cluster_cannot_place(tmp_path):
         from stages.runtime import cluster_nodes
         from pipeline.config import load_config
         cfg = placed(load_config(["configs/demo.yaml"]), cluster_nodes())
-        print("auto:", cfg.distill.num_workers, cfg.distill.use_gpu, flush=True)
+        print("auto:", cfg.distill.num_workers, cfg.distill.resources.use_gpu, flush=True)
         main(["distill", "--config", "configs/demo.yaml", "--storage.run_root", {str(tmp_path / 'run')!r},
               "--distill.num_workers", "2"])
     """)
@@ -93,3 +93,19 @@ def test_the_cli_refuses_workers_a_gpu_cluster_cannot_place(tmp_path):
     assert "phreg distill: error: distill.num_workers=2 asks for 2 workers of 1 CPU(s) and 1 GPU each, but only 1 fit" \
         in proc.stderr and "1 GPU(s)" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_both_stages_reserve_by_one_resources_shape_and_older_flat_keys_still_load():
+    from pipeline.config import CacheConfig, DistillConfig, Resources
+
+    cache, distill = CacheConfig(), DistillConfig()
+    assert isinstance(cache.resources, Resources) and isinstance(distill.resources, Resources)
+    assert set(type(cache.resources).model_fields) == set(type(distill.resources).model_fields)
+    assert (cache.resources.prefetch, distill.resources.prefetch) == (2, 4)  # each stage keeps its read-ahead
+    assert DistillConfig(resources={"cpus": 2}).resources.prefetch == 4
+    with pytest.warns(FutureWarning, match=r"cache\.cpus_per_actor is now cache\.resources\.cpus"):
+        moved = CacheConfig(cpus_per_actor=3, readers=2, resources={"threads": 1})
+    assert (moved.resources.cpus, moved.resources.readers, moved.resources.threads) == (3.0, 2, 1)
+    with pytest.warns(FutureWarning, match=r"distill\.threads_per_worker is now distill\.resources\.threads"):
+        moved = DistillConfig(cpus_per_worker=2, threads_per_worker=1, use_gpu=False)
+    assert (moved.resources.cpus, moved.resources.threads, moved.resources.use_gpu) == (2.0, 1, False)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from stages import tracking
+from pipeline import tracking
 from tests.conftest import tiny_config
 
 # Reads a TensorBoard folder the way the tensorboard command does, in a fresh process (its s3
@@ -232,7 +232,7 @@ def evaluate_norm_max(cfg) -> float:
 def test_the_driver_says_when_mlflow_lost_steps(mlflow_server):
     from mlflow import MlflowClient
 
-    from stages.tracking import MLflow
+    from pipeline.tracking import MLflow
 
     client = MlflowClient(mlflow_server)
     run = client.create_run(client.create_experiment(f"gap-{time.time()}")).info.run_id

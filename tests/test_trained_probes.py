@@ -1,5 +1,5 @@
 """The trained probe protocols: their math on hand-worked cases, a separable segmentation case
-the trained head must solve, and evaluate with `probe_protocol: trained` through real Ray."""
+the trained head must solve, and evaluate with `probes.protocol: trained` through real Ray."""
 import dataclasses
 import math
 import os
@@ -198,7 +198,7 @@ def separable_depth(rng: np.random.Generator, size=(64, 80)):
 
 
 def test_each_head_trains_under_its_kinds_optimiser(monkeypatch):
-    """The lr and weight decay AdamW steps with: segmentation poly 0.9 at probe_lr and 1e-4,
+    """The lr and weight decay AdamW steps with: segmentation poly 0.9 at probes.lr and 1e-4,
     depth cosine with warm-up at 5e-3 and 1e-2 (PH-Reg's ADE20K and NYUv2 configs)."""
     seen = []
     step = torch.optim.AdamW.step
@@ -284,15 +284,27 @@ def test_segment_resizes_to_the_short_side_and_back():
 
 def test_probe_config_defaults_and_settings():
     e = EvaluateConfig()
-    assert (e.probe_lr, e.probe_depth_lr, e.probe_depth_weight_decay) == (1e-3, 5e-3, 1e-2)
-    assert e.probe_depth_warmup == pytest.approx(12800 / 30000) and e.probe_short_side == "window"
-    s = TrainedProbeSettings.from_config(EvaluateConfig(probe_short_side=518, probe_depth_lr=1e-2, probe_depth_warmup=0.0))
+    assert (e.probes.lr, e.probes.depth_lr, e.probes.depth_weight_decay) == (1e-3, 5e-3, 1e-2)
+    assert e.probes.depth_warmup == pytest.approx(12800 / 30000) and e.probes.short_side == "window"
+    s = TrainedProbeSettings.from_config(EvaluateConfig(probes={"short_side": 518, "depth_lr": 1e-2, "depth_warmup": 0.0}))
     assert (s.short_side, s.depth_lr, s.depth_warmup, s.lr, s.bins, s.seed) == (518, 1e-2, 0.0, 1e-3, 256, 0)
-    assert TrainedProbeSettings.from_config(EvaluateConfig(probe_short_side=None)).short_side is None
-    for bad in ({"probe_short_side": 0}, {"probe_short_side": "image"}, {"probe_depth_warmup": 1.0},
-                {"probe_depth_lr": 0}, {"probe_depth_weight_decay": -1}):
+    assert TrainedProbeSettings.from_config(EvaluateConfig(probes={"short_side": None})).short_side is None
+    for bad in ({"short_side": 0}, {"short_side": "image"}, {"depth_warmup": 1.0},
+                {"depth_lr": 0}, {"depth_weight_decay": -1}):
         with pytest.raises((ValueError, ConfigError)):
-            EvaluateConfig(**bad)
+            EvaluateConfig(probes=bad)
+    with pytest.raises((ValueError, ConfigError), match="min_depth must be below"):
+        EvaluateConfig(probes={"min_depth": 10.0, "max_depth": 1.0})
+
+
+def test_flat_probe_and_ttr_keys_of_older_configs_still_load_with_a_warning():
+    with pytest.warns(FutureWarning, match=r"evaluate\.probe_short_side is now evaluate\.probes\.short_side"):
+        e = EvaluateConfig(probe_short_side=518, probes={"lr": 0.1})
+    assert (e.probes.short_side, e.probes.lr) == (518, 0.1)
+    with pytest.warns(FutureWarning, match=r"evaluate\.ttr_top_k is now evaluate\.ttr\.top_k"):
+        assert EvaluateConfig(ttr_top_k=3).ttr.top_k == 3
+    with pytest.raises((ValueError, ConfigError)), pytest.warns(FutureWarning):
+        EvaluateConfig(probe_no_such_option=1)  # still refused, under its new name
 
 
 @pytest.mark.slow
@@ -301,8 +313,8 @@ def test_evaluate_with_trained_probes(tmp_path, ray_local):
     report names the protocol, the pictures are drawn."""
     cfg = tiny_config(str(tmp_path / "run"), **{
         "evaluate.model": "vit_tiny_patch16_224", "shard.sample_size": 4, "evaluate.num_images": 2, "evaluate.pca_images": 1,
-        "evaluate.residual_block": None, "evaluate.labeled": "sample:labeled", "evaluate.probe_protocol": "trained",
-        "evaluate.probe_iterations": 4, "evaluate.probe_batch_size": 2})
+        "evaluate.residual_block": None, "evaluate.labeled": "sample:labeled", "evaluate.probes.protocol": "trained",
+        "evaluate.probes.iterations": 4, "evaluate.probes.batch_size": 2})
     shard.run(cfg)
     report = evaluate.run(cfg)
     probes = report["probes"]

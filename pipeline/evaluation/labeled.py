@@ -32,7 +32,7 @@ from pipeline.storage import exists, join_url, list_names, read_bytes, read_json
 
 SPLITS = ("train", "val")
 SAMPLE = "sample:labeled"
-LAYOUT_HINT = "expected <root>/{train,val}/images/<id>.<ext> with masks/<id>.png and/or depth/<id>.npy (see README)"
+LAYOUT_HINT = "expected <root>/{train,val}/images/<id>.<ext> with masks/<id>.png and/or depth/<id>.npy (see docs/evaluation.md, 'Labeled set layout')"
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def write_labeled_sample(url: str, storage_options=None, seed: int = 0) -> str:
     """Write the generated labeled set into folder `url` unless it is already there. The
     segmentation part pastes crops of five photographs on textures (six classes); the depth
     part crops the Middlebury motorcycle scene. Small, for tests and demos: real numbers need
-    a real set (README: VOC, ADE20K, NYUv2). Returns `url`."""
+    a real set (docs/evaluation.md: VOC, ADE20K, NYUv2). Returns `url`."""
     marker = join_url(url, "sample.json")
     if exists(marker, storage_options) and read_json(marker, storage_options).get("version") == SAMPLE_VERSION:
         return url

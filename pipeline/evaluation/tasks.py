@@ -35,7 +35,7 @@ from pipeline.evaluation.trained_probes import (
     vit_features,
 )
 from pipeline.models.export import load_exported_features
-from pipeline.models.test_time_registers import TestTimeRegisters
+from pipeline.models.register_neurons import TestTimeRegisters
 from pipeline.models.vit import PatchFeatures, load_teacher, readout
 from pipeline.targets.store import TargetStore
 

@@ -65,10 +65,10 @@ class TrainedProbeSettings:
 
     @classmethod
     def from_config(cls, e, seed: int = 0) -> "TrainedProbeSettings":
-        """The settings of an `EvaluateConfig` (its probe_* fields)."""
-        return cls(e.probe_iterations, e.probe_batch_size, e.probe_lr, e.probe_stride, e.probe_depth_bins, e.probe_min_depth,
-                   e.probe_max_depth, e.probe_siglog_lambda, e.probe_gradient_weight, e.probe_eigen_crop, seed,
-                   e.probe_depth_lr, e.probe_depth_weight_decay, e.probe_depth_warmup, e.probe_short_side)
+        """The settings of an `EvaluateConfig` (its probes section)."""
+        return cls(e.probes.iterations, e.probes.batch_size, e.probes.lr, e.probes.stride, e.probes.depth_bins, e.probes.min_depth,
+                   e.probes.max_depth, e.probes.siglog_lambda, e.probes.gradient_weight, e.probes.eigen_crop, seed,
+                   e.probes.depth_lr, e.probes.depth_weight_decay, e.probes.depth_warmup, e.probes.short_side)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load, save_file
 
-from pipeline.errors import PipelineError
-from pipeline.storage import read_bytes
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.storage import absolute, read_bytes
 
 # CLIP's 80 ImageNet prompt templates (Radford et al., 2021, the released prompt-engineering
 # notebook), the prompts NACLIP, SCLIP and PH-Reg use for segmentation.
@@ -214,3 +214,17 @@ def segment(features_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     logits = slide_logits(features_fn, resize_short_side(image, short_side), queries, crop, stride)
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return predict_classes(logits, class_index, num_classes, logit_scale, prob_threshold)
+
+
+def class_queries(z, classes: list[str], dim: int | None, so) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, D) unit class embeddings and the class of each: from evaluate.embeddings,
+    else from the text tower (synonyms x CLIP's 80 templates). Checked against the features'
+    width `dim` here when it is known, else in the tasks."""
+    if z.embeddings:
+        return load_class_embeddings(absolute(z.embeddings), len(classes), dim, so)
+    names, index = parse_class_names(classes)
+    queries = query_embeddings(open_clip_text_encoder(z.text_model, z.text_pretrained, z.text_seed), names)
+    if dim is not None and queries.shape[1] != dim:
+        raise ConfigError(f"the text tower {z.text_model} embeds in {queries.shape[1]} dimensions, the models' features have "
+                          f"{dim}: choose the CLIP text tower of the image tower, or evaluate.embeddings")
+    return queries, torch.tensor(index)

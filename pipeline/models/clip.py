@@ -31,7 +31,7 @@ class is the recipe's); `pos_embed_antialias=True` gives timm's. The two differ 
 the grid changes: PyTorch's antialiased bicubic uses PIL's cubic kernel (a = -0.5) and widens it
 when shrinking, the plain one Keys' kernel (a = -0.75) at any scale. (NACLIP's resampling also
 maps sample positions by `scale_factor=(n + 0.1) / N`, DINO's offset, and resamples the
-teacher's 14x14 straight to each window's grid; neither is reproduced: see the README.)
+teacher's 14x14 straight to each window's grid; neither is reproduced: see docs/clip-zeroshot.md.)
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from pipeline.models.planted import PlantedVisionTransformer
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DENSE_BLOCKS = ("naclip", "value", "none")
-# In patches: NACLIP's published default. Not tuned here (no CLIP weights offline); README lists it
+# In patches: NACLIP's published default. Not tuned here (no CLIP weights offline); docs/clip-zeroshot.md lists it
 # among the values the authors' code leaves open.
 GAUSSIAN_STD = 5.0
 

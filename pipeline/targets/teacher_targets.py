@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from pipeline.config import TeacherConfig
-from pipeline.data.images import Preprocess, crop_box, decode_rgb
+from pipeline.data.images import Preprocess, decode_rgb
 from pipeline.data.manifest import Manifest, Unit
 from pipeline.data.readers import in_order
 from pipeline.data.shards import fetch_images
@@ -29,25 +30,8 @@ from pipeline.errors import PipelineError
 from pipeline.models.vit import load_teacher, patch_features
 from pipeline.targets.sink import UnitSink
 from pipeline.targets.store import StoreSpec, TargetStore
-from pipeline.targets.tta import denoise, max_shifts, sample_views, view_rng
-
-
-@dataclass
-class Item:
-    row: int  # position within the unit
-    variant: int
-    pixels: torch.Tensor  # (3, H, W) uint8 crop; `Preprocess.normalize` gives the model's input
-    box: tuple[float, float, float, float]
-    offsets: np.ndarray
-    flips: np.ndarray
-
-
-def prepare(img, index: int, variant: int, spec: StoreSpec, preprocess: Preprocess, row: int) -> Item:
-    """Crop box and views of one (image, variant): a function of (seed, index, variant) only."""
-    rng = view_rng(spec.seed, index, variant)
-    box = crop_box(img.width, img.height, preprocess.size, spec.crop, rng)
-    offsets, flips = sample_views(rng, spec.counts, max_shifts(spec.grid, spec.shift_frac), spec.flip, spec.fps_start)
-    return Item(row, variant, preprocess.pixels(img, box), box, offsets, flips)
+from pipeline.targets.tta import denoise
+from pipeline.targets.views import prepare
 
 
 def view_jobs(units: list[Unit], variants: int, batch_images: int) -> list[tuple[Unit, list[tuple[int, int]]]]:
@@ -61,6 +45,18 @@ def view_jobs(units: list[Unit], variants: int, batch_images: int) -> list[tuple
 
 # Why an image of a shard was rejected by the teacher-cache stage (`cache.on_bad_image: skip`).
 BAD_IMAGE = {1: "the shard's file ends before its bytes (truncated)", 2: "its bytes no longer decode"}
+
+
+class ViewSample(NamedTuple):
+    """One (image, variant) of a teacher batch as the readers hand it over (stacked: a batch)."""
+
+    row: int  # position within the unit
+    variant: int
+    pixels: torch.Tensor  # (3, H, W) uint8 crop
+    box: np.ndarray  # (4,) crop box in the image's pixels
+    offsets: np.ndarray  # (counts, 2) view shifts in patches
+    flips: np.ndarray  # (counts,)
+    bad: int  # 0, or the BAD_IMAGE code of an image that could not be read
 
 
 @dataclass
@@ -78,7 +74,7 @@ class UnitViews:
     storage_options: dict | None = None
     skip_bad: bool = False
 
-    def __call__(self, i: int) -> list[tuple]:
+    def __call__(self, i: int) -> list[ViewSample]:
         unit, pairs = self.jobs[i]
         rows = sorted({row for row, _ in pairs})
         record = self.manifest.record(unit.shard, self.storage_options)
@@ -106,10 +102,10 @@ class UnitViews:
             if bad[row]:
                 blank = (torch.zeros(3, *self.preprocess.size, dtype=torch.uint8), np.zeros(4, np.float32),
                          np.zeros((self.spec.counts, 2), np.int64), np.zeros(self.spec.counts, bool))
-                out.append((row, variant, *blank, bad[row]))
+                out.append(ViewSample(row, variant, *blank, bad[row]))
             else:
                 it = prepare(images[row], unit.start + row, variant, self.spec, self.preprocess, row)
-                out.append((it.row, it.variant, it.pixels, np.float32(it.box), it.offsets, it.flips, 0))
+                out.append(ViewSample(it.row, it.variant, it.pixels, np.float32(it.box), it.offsets, it.flips, 0))
         return out
 
 
@@ -140,9 +136,10 @@ class TeacherTargets:
 
     def targets(self, pixels: torch.Tensor, offsets, flips) -> torch.Tensor:
         """Denoised targets (n, gh, gw, D) float32 on the model's device of uint8 crops
-        (n, 3, H, W) and their views (n, counts, 2), (n, counts)."""
+        (n, 3, H, W) and their views (n, counts, 2), (n, counts) (arrays or tensors; nothing
+        here waits for the device)."""
         images = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
-        return denoise(self.features, images, np.asarray(offsets), np.asarray(flips), self.patch, self.fill)
+        return denoise(self.features, images, offsets, flips, self.patch, self.fill)
 
     def compute_units(self, units: list[Unit]) -> list[dict]:
         """Compute, write and mark complete every unit not complete yet (a retried task skips
@@ -158,13 +155,12 @@ class TeacherTargets:
         sink = self._sink
         try:
             for (unit, pairs), batch in zip(jobs, batches):
-                rows, variants, pixels, box, offsets, flips, bad = batch
                 if pairs[0] == (0, 0):
                     sink.begin(unit)
                 tc = time.perf_counter()
-                targets = self._forward(unit, pixels, offsets, flips)
-                sink.add(pairs[0][0] * V + pairs[0][1], targets, box, pixels, time.perf_counter() - tc)
-                for row, code in {int(r): int(c) for r, c in zip(rows, bad) if c}.items():
+                targets = self._forward(unit, batch.pixels, batch.offsets, batch.flips)
+                sink.add(pairs[0][0] * V + pairs[0][1], targets, batch.box, batch.pixels, time.perf_counter() - tc)
+                for row, code in {int(r): int(c) for r, c in zip(batch.row, batch.bad) if c}.items():
                     key = self.manifest.record(unit.shard, self.storage_options).keys[unit.first + row]
                     sink.reject(unit.start + row, key, BAD_IMAGE[code])
                 if pairs[-1] == (unit.count - 1, V - 1):  # the unit's last batch

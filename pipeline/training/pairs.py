@@ -10,6 +10,7 @@ units than ranks, units are split into interleaved parts instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +20,22 @@ from pipeline.data.manifest import Manifest, Unit
 from pipeline.data.shards import fetch_images
 from pipeline.errors import PipelineError
 from pipeline.targets.store import StoreSpec, TargetStore
-from pipeline.targets.teacher_targets import prepare
+from pipeline.targets.views import prepare
+
+
+class Pair(NamedTuple):
+    """A cached sample (or, stacked, a batch): the uint8 crop and its stored target."""
+
+    pixels: torch.Tensor  # (3, H, W) uint8
+    targets: torch.Tensor  # (gh, gw, D) in the store's width
+
+
+class Views(NamedTuple):
+    """An online sample (or batch): the uint8 crop and the views its targets are computed from."""
+
+    pixels: torch.Tensor  # (3, H, W) uint8
+    offsets: np.ndarray  # (counts, 2) shifts in patches
+    flips: np.ndarray  # (counts,)
 
 
 def epoch_plan(counts: dict[int, int], epoch: int, seed: int, rank: int, world: int) -> list[tuple[int, np.ndarray]]:
@@ -90,7 +106,7 @@ class CachedPairs(Examples):
     seed: int = 0
     _rejected: dict[int, set[int]] = field(default_factory=dict, init=False, repr=False)  # unit -> positions
 
-    def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[Pair]:
         unit, variant = self.units[unit_id], epoch % self.store.spec.variants
         positions = self._readable(unit, np.asarray(positions, dtype=np.int64))
         rows = unit.start + positions
@@ -99,7 +115,7 @@ class CachedPairs(Examples):
         for p, pixels, target in zip(positions, self._pixels(unit, positions, rows, variant), targets):
             if self.hflip and np.random.default_rng([self.seed, epoch, unit.start + int(p)]).random() < self.hflip:
                 pixels, target = pixels.flip(-1), target.flip(1)
-            out.append((pixels, target))
+            out.append(Pair(pixels, target))
         return out
 
     def _readable(self, unit: Unit, positions: np.ndarray) -> np.ndarray:
@@ -136,12 +152,12 @@ class OnlineViews(Examples):
 
     spec: StoreSpec | None = None
 
-    def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[tuple]:
+    def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[Views]:
         unit = self.units[unit_id]
         out = []
         for p, data in zip(positions, self._images(unit, positions)):
             item = prepare(decode_rgb(data), unit.start + int(p), epoch, self.spec, self.preprocess, 0)
-            out.append((item.pixels, item.offsets, item.flips))
+            out.append(Views(item.pixels, item.offsets, item.flips))
         return out
 
 

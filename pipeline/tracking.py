@@ -9,6 +9,9 @@ MLflow: one run per student (and one per teacher-cache store), created by the dr
 id is kept in `<run>/mlflow.json` so a resumed run goes on logging into the same MLflow run.
 A tracking server that cannot be reached never stops a stage: it is said once, and the stage
 goes on without MLflow.
+
+It sits in the library's top layer: the distill workers' loop (`pipeline.training.loop`) and
+the stage drivers both log through it.
 """
 from __future__ import annotations
 
@@ -28,7 +31,11 @@ from PIL import Image
 from pipeline.config import Config, dump_config
 from pipeline.storage import (exists, join_url, list_names, local_path, read_bytes, read_json, write_bytes_atomic,
                               write_json)
-from stages.runtime import say
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
 
 TENSORBOARD = "tensorboard"
 MLFLOW_RUN = "mlflow.json"
