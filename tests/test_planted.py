@@ -2,7 +2,7 @@
 planted, a real timm model end to end, TTA that dilutes them and a student that loses them.
 
 Randomly initialised ViTs have no artifacts, so this construction is what lets these tests
-check that the pipeline removes artifacts at all; see README "Planted artifacts".
+check that the pipeline removes artifacts at all; see docs/planted-artifacts.md.
 """
 import os
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.planted_run import heldout_input, train_then_evaluate
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.data.images import crop_box, decode_rgb
 from pipeline.data.sample_corpus import generate, write_sample_corpus
@@ -19,7 +20,6 @@ from pipeline.models.planted import NAME, PlantedVisionTransformer, planted_cell
 from pipeline.models.vit import build_student, describe_teacher, load_teacher, patch_features, readout, unlock
 from pipeline.targets.tta import denoise, max_shifts, sample_views, view_rng
 from pipeline.training.losses import distill_loss
-from stages import distill, evaluate, export, shard, teacher_cache
 from tests.conftest import tiny_config
 
 CFG = TeacherConfig(model=NAME, img_size=96)
@@ -136,15 +136,8 @@ def test_planted_pipeline_end_to_end(tmp_path, ray_local):
         "evaluate.images_per_task": 32,
     })
     photos_url = write_sample_corpus(str(tmp_path / "heldout_photos"), 8, seed=1)
-    heldout = tiny_config(root, **common, **{"shard.input": [photos_url], "shard.shard_size": 4,
-                                             "shard.output": heldout_url, "cache.shards": heldout_url})
-    shard.run(cfg)
-    teacher_cache.run(cfg)
-    distill.run(cfg)
-    export.run(cfg)
-    shard.run(heldout)
-    teacher_cache.run(heldout)
-    report = evaluate.run(cfg)
+    heldout = tiny_config(root, **common, **heldout_input(photos_url, heldout_url), **{"shard.shard_size": 4})
+    report = train_then_evaluate(cfg, heldout)
 
     assert report["images"]["trained_on"] is False and report["images"]["shards"] == heldout_url
     norms = report["norms"]
@@ -169,3 +162,16 @@ def test_planted_pipeline_end_to_end(tmp_path, ray_local):
         with open(os.path.join(cfg.eval_url, name), "rb") as f:
             assert f.read(4) == b"\x89PNG", name
     assert np.isfinite(report["fidelity"]["student"]["mse"])
+
+
+def test_the_demo_teacher_is_planted_and_says_so():
+    """`make demo` shows artifacts going away only with a teacher that has them; its output
+    must say plainly that this one is a construction."""
+    from pipeline.config import load_config
+    from pipeline.models.planted import planted_note
+
+    demo = load_config(["configs/demo.yaml"])
+    note = planted_note(demo.teacher.model)
+    assert note is not None and "planted by construction" in note and "not a pretrained model" in note
+    assert planted_note("vit_small_patch14_dinov2") is None
+    assert planted_note("local-dir:/exports/vit_small") is None

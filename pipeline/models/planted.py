@@ -41,6 +41,15 @@ NAME = "vit_planted_tiny_patch8"
 DEFAULT_CELLS = ((0.25, 0.25), (0.25, 0.75), (0.7, 0.45))
 
 
+def planted_note(model: str) -> str | None:
+    """One sentence saying that `model` (a timm name) is a planted construction, or None."""
+    if "planted" not in model.split(":")[-1]:
+        return None
+    return (f"{model} has artifact tokens planted by construction at fixed grid cells "
+            f"(pipeline/models/planted.py, docs/planted-artifacts.md): it shows the pipeline removing them, "
+            f"it is not a pretrained model")
+
+
 def planted_cells(grid: tuple[int, int], cells) -> list[int]:
     """Flat grid indices (row * gw + col) of cells given as (fy, fx) fractions of the grid."""
     gh, gw = grid
