@@ -21,7 +21,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 STAGE := $(PY) -m stages
 endif
 
-.PHONY: setup demo shard teacher-cache distill export evaluate verify list test bench clean
+.PHONY: setup demo shard teacher-cache distill export evaluate verify list test bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ test: setup
 
 bench: setup
 	env -u RAY_ADDRESS $(PY) -m bench.run $(ARGS)
+
+# docs/configuration.md is generated from the config's field descriptions; tests/test_docs.py fails when it is stale.
+docs: setup
+	$(PY) -m stages.config_reference
 
 clean:
 	rm -rf runs bench/work
