@@ -21,7 +21,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 STAGE := $(PY) -m stages
 endif
 
-.PHONY: setup demo shard teacher-cache distill export evaluate verify list test bench docs clean
+.PHONY: setup demo shard teacher-cache distill export evaluate verify list test test-fast bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,12 @@ demo shard teacher-cache distill export evaluate verify list: setup
 	$(STAGE) $@ $(CONFIG_FLAGS) $(ARGS)
 
 # Tests and benchmarks start their own local Ray, whatever RAY_ADDRESS says.
+# test-fast: the inner loop, only the tests that need neither Ray nor the S3 server (markers in pyproject.toml).
 test: setup
 	env -u RAY_ADDRESS $(PY) -m pytest $(ARGS)
+
+test-fast: setup
+	env -u RAY_ADDRESS $(PY) -m pytest -m "not slow and not s3" $(ARGS)
 
 bench: setup
 	env -u RAY_ADDRESS $(PY) -m bench.run $(ARGS)

@@ -1,10 +1,18 @@
-"""Shared fixtures: a real local Ray, a real S3 endpoint (moto's server on loopback), tiny configs.
+"""Shared fixtures: a real local Ray, a real S3 endpoint (moto's server on loopback), tiny configs,
+and the tiny pipeline's corpus and target store, built once per session.
 
 Environment is set at import, before Ray starts, so every Ray worker inherits it.
+
+Markers are given by what a test uses, so that `make test-fast` (-m "not slow and not s3")
+never starts Ray or the S3 server: `slow` for every test that asks for `ray_local` (directly or
+through a fixture such as `tiny_run`), `s3` for every test that asks for `s3_endpoint`. A test
+that reaches Ray or S3 some other way (a subprocess, request.getfixturevalue) carries the
+marker itself.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
@@ -16,6 +24,9 @@ os.environ.update(
     AWS_ACCESS_KEY_ID="testing",
     AWS_SECRET_ACCESS_KEY="testing",
     AWS_DEFAULT_REGION="us-east-1",
+    # Ray Train's controller polls its workers every 2 s, and a run waits for several polls
+    # (workers up, reports, the end): 5 s of every distill run were spent waiting for them.
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
 )
 
 from pipeline.config import Config, load_config  # noqa: E402
@@ -59,6 +70,26 @@ def tiny_config(root: str, storage_options: dict | None = None, **overrides) -> 
     return load_config([], values)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "ray_local" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+        if "s3_endpoint" in item.fixturenames:
+            item.add_marker(pytest.mark.s3)
+
+
+def copy_run(src: str, dst) -> str:
+    """A copy of the run root `src` at `dst` (a local folder): the same corpus, stores and
+    students, so each stage run on the copy finds what it finds in `src`, and whatever a test
+    changes there no other test sees.
+
+    Not for shard.run: the shard records name the inputs by their absolute paths, which are
+    those of `src`, so a rerun on the copy would see other inputs and refuse."""
+    shutil.copytree(src, dst, symlinks=True)
+    return str(dst)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
@@ -88,9 +119,35 @@ def s3_endpoint():
 @pytest.fixture
 def s3_bucket(s3_endpoint):
     """A fresh bucket; returns (s3://bucket URL, storage_options)."""
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    yield new_bucket(options), options
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_local) -> str:
+    """The run root of `tiny_config` with its corpus sharded and its target store computed.
+
+    Shared by the whole session: read it, never write into it (no stage run on it that would
+    add a store, a student or an export). A test that needs to write takes a `copy_run` of it."""
+    from stages import shard, teacher_cache
+
+    root = str(tmp_path_factory.mktemp("tiny") / "run")
+    cfg = tiny_config(root)
+    shard.run(cfg)
+    teacher_cache.run(cfg)
+    return root
+
+
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path) -> str:
+    """This test's own copy of `tiny_run`, at tmp_path/run."""
+    return copy_run(tiny_run, tmp_path / "run")
+
+
+def new_bucket(options: dict, prefix: str = "test") -> str:
+    """A fresh bucket on the endpoint of `options`; returns its s3:// URL."""
     import s3fs
 
-    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
-    name = f"test-{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(**options).mkdir(name)
-    yield f"s3://{name}", options
+    return f"s3://{name}"

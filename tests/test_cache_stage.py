@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,17 +21,14 @@ from pipeline.data.manifest import Manifest
 from pipeline.errors import PipelineError
 from pipeline.training.pairs import CachedPairs
 from stages import caches, shard, teacher_cache
-from tests.conftest import tiny_config
-
-pytestmark = pytest.mark.slow
+from tests.conftest import copy_run, tiny_config
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, ray_local):
-    root = str(tmp_path_factory.mktemp("corpus") / "run")
-    cfg = tiny_config(root)
-    shard.run(cfg)
-    return root
+def corpus(tmp_path_factory, tiny_run):
+    """This module's copy of the tiny corpus, with the store of tiny_config complete in its
+    default cache root (only read here: the tests write into cache roots of their own)."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("corpus") / "run")
 
 
 def _cache(corpus: str, tmp_path) -> str:
@@ -38,8 +36,15 @@ def _cache(corpus: str, tmp_path) -> str:
     return os.path.join(corpus, "caches", tmp_path.name)
 
 
+def _with_tiny_store(corpus: str, root: str) -> str:
+    """Cache root `root` holding a copy of the complete store of tiny_config: what
+    teacher_cache.run(tiny_config(corpus, cache.root=root)) would compute there."""
+    shutil.copytree(os.path.join(corpus, "cache"), root, dirs_exist_ok=True)
+    return root
+
+
 def test_verify_passes_and_names_each_problem(corpus, tmp_path):
-    cfg = tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path)})
+    cfg = tiny_config(corpus, **{"cache.root": _with_tiny_store(corpus, _cache(corpus, tmp_path))})
     store = teacher_cache.run(cfg)
     assert caches.verify(cfg) == []
 
@@ -62,7 +67,7 @@ def test_verify_passes_and_names_each_problem(corpus, tmp_path):
 
 
 def test_cli_verify_exits_non_zero(corpus, tmp_path):
-    cfg = tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path)})
+    cfg = tiny_config(corpus, **{"cache.root": _with_tiny_store(corpus, _cache(corpus, tmp_path))})
     teacher_cache.run(cfg)
     args = [sys.executable, "-m", "stages", "verify", "--storage.run_root", corpus, "--cache.root", _cache(corpus, tmp_path),
             *_flags(cfg)]
@@ -75,7 +80,7 @@ def test_cli_verify_exits_non_zero(corpus, tmp_path):
 
 
 def test_list_shows_side_by_side_stores(corpus, tmp_path):
-    root = _cache(corpus, tmp_path)
+    root = _with_tiny_store(corpus, _cache(corpus, tmp_path))
     a = tiny_config(corpus, **{"cache.root": root})
     b = tiny_config(corpus, **{"cache.root": root, "tta.counts": 2, "cache.dtype": "int8"})
     teacher_cache.run(a)
@@ -87,8 +92,9 @@ def test_list_shows_side_by_side_stores(corpus, tmp_path):
 
 def test_storage_types_are_faithful(corpus, tmp_path):
     stores = {}
+    root = _with_tiny_store(corpus, _cache(corpus, tmp_path))  # its float16 store
     for dtype in ("float32", "float16", "bfloat16", "int8"):
-        cfg = tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path), "cache.dtype": dtype})
+        cfg = tiny_config(corpus, **{"cache.root": root, "cache.dtype": dtype})
         stores[dtype] = teacher_cache.run(cfg)
     reference = stores["float32"].read(slice(0, 12), 0)
     for dtype, store in stores.items():
@@ -117,7 +123,7 @@ def test_stored_crops_are_the_pixels_the_teacher_saw(corpus, tmp_path):
     what a store without crops makes them decode; both kinds have one fingerprint, and list,
     verify and the digest in each marker cover the crops."""
     root = _cache(corpus, tmp_path)
-    with_crops = teacher_cache.run(tiny_config(corpus, **{"cache.root": f"{root}/a"}))
+    with_crops = teacher_cache.run(tiny_config(corpus, **{"cache.root": _with_tiny_store(corpus, f"{root}/a")}))
     plain = teacher_cache.run(tiny_config(corpus, **{"cache.root": f"{root}/b", "cache.store_crops": False}))
     assert with_crops.has_crops and not plain.has_crops
     assert with_crops.spec.fingerprint == plain.spec.fingerprint
@@ -143,9 +149,9 @@ def test_stored_crops_are_the_pixels_the_teacher_saw(corpus, tmp_path):
         caches.verify(cfg)
 
 
-def test_xarray_reads_the_store(corpus, tmp_path):
+def test_xarray_reads_the_store(corpus):
     xr = pytest.importorskip("xarray")
-    store = teacher_cache.run(tiny_config(corpus, **{"cache.root": _cache(corpus, tmp_path)}))
+    store = teacher_cache.run(tiny_config(corpus))  # only read: the module's store
     ds = xr.open_zarr(store.zarr_url, zarr_format=3, consolidated=False)
     assert ds["targets"].dims == ("row", "variant", "y", "x", "channel")
     assert ds["targets"].shape == (12, 1, 4, 4, 48)
@@ -199,6 +205,24 @@ def is_ray_agent(title: str) -> bool:
     return title.startswith(RAY_AGENTS) or "dashboard/agent.py" in title or "runtime_env/agent/main.py" in title
 
 
+def _gone_or_agent(p: psutil.Process) -> bool:
+    try:
+        return is_ray_agent(" ".join(p.cmdline()))
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_for_all_but_agents(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Waits until every process of `procs` has exited, Ray's node agents aside, or `timeout`
+    has passed; returns those still alive. (Agents may never exit: waiting for them too would
+    always take the whole timeout.)"""
+    deadline = time.time() + timeout
+    _, alive = psutil.wait_procs(procs, timeout=0)
+    while alive and time.time() < deadline and not all(_gone_or_agent(p) for p in alive):
+        _, alive = psutil.wait_procs(alive, timeout=0.2)
+    return alive
+
+
 def test_ray_agents_are_recognised_by_their_full_title():
     assert is_ray_agent("ray::DashboardAgent") and is_ray_agent("ray::RuntimeEnvAgent --foo")
     assert not is_ray_agent("ray::CacheActor.compute") and not is_ray_agent("ray::raylet")
@@ -236,9 +260,10 @@ def test_kill_minus_nine_of_driver_and_worker_resumes_to_an_identical_store(tmp_
     assert any("CacheActor" in " ".join(p.cmdline()) for p in tree if p.is_running())
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=60)
     # Ray's per-node agents (dashboard, runtime env) can linger after their raylet died; they
-    # hold no data and write nothing. Everything else (GCS, raylet, workers, actors) must be gone.
+    # hold no data and write nothing. Everything else (GCS, raylet, workers, actors) must be gone
+    # within a minute.
+    alive = _wait_for_all_but_agents(tree, timeout=60)
     orphans = []
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):

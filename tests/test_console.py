@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -66,10 +67,16 @@ def test_demo_console_is_the_stages_own(tmp_path):
     for bar in ("shard", "teacher-cache", "r16", "evaluate"):  # each stage's progress bar (tqdm, on stderr)
         assert re.search(rf"^{bar}: *100%", demo.stderr.replace("\r", "\n"), re.M), bar
 
-    # a failure inside a Ray Train worker (a shard of the store is gone) reaches the user as one sentence
+    # a failure inside a Ray Train worker (a shard of the store is gone) reaches the user as one
+    # sentence, and with PHREG_DEBUG=1 as the workers' lines and a traceback: two runs side by
+    # side, each with a student and a Ray of its own
     (store,) = (tmp_path / "run" / "cache").iterdir()
     os.remove(store / "targets.zarr" / "crops" / "c" / "1" / "0" / "0" / "0" / "0")
-    failed = phreg("distill", "--config", config, "--student.name", "other", "--distill.max_failures", "0")
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(phreg, "distill", "--config", config, "--student.name", "other", "--distill.max_failures", "0"),
+                pool.submit(phreg, "distill", "--config", config, "--student.name", "third", "--distill.max_failures", "0",
+                            env={"PHREG_DEBUG": "1"})]
+        failed, debug = (run.result() for run in runs)
     assert failed.returncode == 1
     assert noise(failed.stdout + failed.stderr) == []
     errors = [line for line in failed.stderr.replace("\r", "\n").splitlines() if line.startswith("phreg distill:")]
@@ -77,8 +84,6 @@ def test_demo_console_is_the_stages_own(tmp_path):
         failed.stderr
 
     # PHREG_DEBUG=1: the workers' lines and the whole traceback
-    debug = phreg("distill", "--config", config, "--student.name", "third", "--distill.max_failures", "0",
-                  env={"PHREG_DEBUG": "1"})
     assert debug.returncode == 1
     assert re.search(r"\((RayTrainWorker|TrainController) pid=\d+", debug.stdout + debug.stderr)
     assert "Traceback" in debug.stderr and "crops/c/1/0/0/0/0" in debug.stderr

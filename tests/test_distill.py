@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -27,20 +28,17 @@ from pipeline.targets.store import store_spec
 from pipeline.targets.views import prepare
 from pipeline.training import checkpoint
 from pipeline.training.pairs import CachedPairs, OnlineViews
-from stages import distill, export, shard, teacher_cache
-from tests.conftest import tiny_config
+from stages import distill, export, teacher_cache
+from tests.conftest import copy_run, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory, ray_local):
-    """A corpus and its target store, shared by the tests of this module."""
-    root = str(tmp_path_factory.mktemp("distill") / "run")
-    cfg = tiny_config(root)
-    shard.run(cfg)
-    teacher_cache.run(cfg)
-    return root
+def cached(tmp_path_factory, tiny_run):
+    """A corpus and its target store, shared by the tests of this module (which add students
+    and stores to it: a copy of the session's)."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("distill") / "run")
 
 
 def _events(cfg, name=None):
@@ -157,9 +155,10 @@ def test_student_of_another_width_with_projection(cached):
 
 
 def _slow(cached, name, **extra):
-    """A student that trains for a while (12 blocks at 224 px) so it can be killed part-way."""
+    """A student that trains for a while (12 blocks at 224 px) so it can be killed part-way:
+    4 epochs of 6 steps, seconds of training after its first checkpoint."""
     return tiny_config(cached, **{"student.name": name, "teacher.img_size": 224, "teacher.model_kwargs": {},
-                                  "cache.root": os.path.join(cached, "cache-224"), "distill.epochs": 8,
+                                  "cache.root": os.path.join(cached, "cache-224"), "distill.epochs": 4,
                                   "distill.checkpoint_every": 6, "distill.log_every": 3, **extra})
 
 
@@ -193,7 +192,7 @@ def test_killed_worker_restores_from_checkpoint(cached):
     (result,) = distill.run(cfg)
     thread.join()
     assert killed, "no training worker was found to kill"
-    assert result.metrics["step"] == 48
+    assert result.metrics["step"] == 24
     events = _events(cfg)
     assert events[0]["event"] == "start" and any(e["event"] == "resume" and e["step"] > 0 for e in events[1:])
 
@@ -208,23 +207,29 @@ def test_rerun_after_the_whole_job_died_resumes(cached, tmp_path):
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     command = [sys.executable, "-m", "stages", "distill", "--config", str(path)]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    deadline = time.time() + 300
-    while not _past_first_checkpoint(cfg):
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    events = _events(cfg)
-    assert [e["event"] for e in events][:1] == ["start"] and events[-1]["event"] == "resume"
-    assert events[-1]["step"] >= 4 and events[-1]["step"] % 6 != 0  # resumed inside an epoch
-    resumed, _, state = checkpoint.load_student(checkpoint.latest(join_url(cfg.students_url, "driver-kill")))
-    assert state["step"] == 48
+    # The uninterrupted run trains in this process's Ray while the job below is killed and rerun
+    # in Ray of its own: the two share nothing but the store they read.
+    with ThreadPoolExecutor(1) as pool:
+        uninterrupted_run = pool.submit(distill.run, cfg.model_copy(
+            update={"student": cfg.student.model_copy(update={"name": "uninterrupted"})}))
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
+        deadline = time.time() + 300
+        while not _past_first_checkpoint(cfg):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        events = _events(cfg)
+        assert [e["event"] for e in events][:1] == ["start"] and events[-1]["event"] == "resume"
+        assert events[-1]["step"] >= 4 and events[-1]["step"] % 6 != 0  # resumed inside an epoch
+        resumed, _, state = checkpoint.load_student(checkpoint.latest(join_url(cfg.students_url, "driver-kill")))
+        assert state["step"] == 24
 
-    (result,) = distill.run(cfg.model_copy(update={"student": cfg.student.model_copy(update={"name": "uninterrupted"})}))
+        (result,) = uninterrupted_run.result()
     uninterrupted, _, _ = checkpoint.load_student(checkpoint.latest(join_url(cfg.students_url, "uninterrupted")))
     for (name, a), b in zip(resumed.state_dict().items(), uninterrupted.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs from the uninterrupted run's"

@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluation import metrics
 from pipeline.evaluation.plan import export_folder
 from pipeline.models.vit import load_teacher, patch_features, readout
-from stages import evaluate, shard
+from stages import evaluate
 from tests.conftest import tiny_config
 
 
@@ -104,12 +104,12 @@ def test_model_or_export_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_model_alone(tmp_path, ray_local):
-    """`evaluate.model` checks a model for artifacts without a store or a student."""
-    cfg = tiny_config(str(tmp_path / "run"), **{"evaluate.model": "vit_planted_tiny_patch8", "teacher.img_size": 96,
-                                                 "teacher.model_kwargs": {}, "evaluate.num_images": 6,
-                                                 "evaluate.abs_threshold": 20.0})
-    shard.run(cfg)
+def test_one_model_alone(tmp_path, tiny_copy):
+    """`evaluate.model` checks a model for artifacts without a store or a student (on the
+    sharded tiny corpus: the stage reads only its shards)."""
+    cfg = tiny_config(tiny_copy, **{"evaluate.model": "vit_planted_tiny_patch8", "teacher.img_size": 96,
+                                    "teacher.model_kwargs": {}, "evaluate.num_images": 6,
+                                    "evaluate.abs_threshold": 20.0})
     report = evaluate.run(cfg)
     assert report["mode"] == "model" and list(report["norms"]) == ["vit_planted_tiny_patch8"]
     s = report["norms"]["vit_planted_tiny_patch8"]
@@ -124,4 +124,4 @@ def test_one_model_alone(tmp_path, ray_local):
     assert "| vit_planted_tiny_patch8 | " in text and "3.00" in text
 
     with pytest.raises(ConfigError, match="timm model name"):
-        evaluate.run(tiny_config(str(tmp_path / "run"), **{"evaluate.model": str(tmp_path), "evaluate.pretrained": True}))
+        evaluate.run(tiny_config(tiny_copy, **{"evaluate.model": str(tmp_path), "evaluate.pretrained": True}))

@@ -17,7 +17,7 @@ from pipeline.models.export import max_output_difference
 from pipeline.storage import join_url, list_names, read_bytes, url_to_fs
 from pipeline.training import checkpoint
 from stages import distill, evaluate, export, shard, teacher_cache
-from tests.conftest import tiny_config
+from tests.conftest import parent, tiny_config
 from tests.corpus import awkward_files
 
 pytestmark = pytest.mark.slow
@@ -77,9 +77,16 @@ def check_outputs(cfg, manifest, store, export_url, report):
     assert set(report["norms"]) == {"teacher", "target", "student"}
 
 
-def test_end_to_end_local(tmp_path, ray_local):
-    cfg = tiny_config(str(tmp_path / "run"), **{"distill.num_workers": 2})
-    check_outputs(cfg, *run_all(cfg))
+def test_end_to_end_local(tiny_copy):
+    """The later stages on the corpus and store that `tiny_run` sharded and computed from scratch
+    with this config (num_workers is distill's alone): all of them checked as run_all's are."""
+    cfg = tiny_config(tiny_copy, **{"distill.num_workers": 2})
+    manifest = Manifest.load(cfg.shards_url)
+    store = teacher_cache.run(cfg)  # complete: nothing to compute
+    distill.run(cfg)
+    (export_url,) = export.run(cfg)
+    report = evaluate.run(cfg)
+    check_outputs(cfg, manifest, store, export_url, report)
 
 
 def test_end_to_end_s3(s3_bucket, ray_local):
@@ -88,36 +95,37 @@ def test_end_to_end_s3(s3_bucket, ray_local):
     check_outputs(cfg, *run_all(cfg))
 
 
-def test_second_student_reuses_cache_and_mismatch_is_refused(tmp_path, ray_local):
-    cfg = tiny_config(str(tmp_path / "run"), **{"distill.epochs": 1})
-    shard.run(cfg)
+def test_second_student_reuses_cache_and_mismatch_is_refused(tiny_copy):
+    root = tiny_copy  # sharded, and the store of this config complete
+    cfg = tiny_config(root, **{"distill.epochs": 1})
     store = teacher_cache.run(cfg)
     before = {p: os.path.getmtime(p) for p in _files(store.url)}
 
-    second = tiny_config(str(tmp_path / "run"), **{"distill.epochs": 1, "student.name": "r2", "student.registers": 2})
+    second = tiny_config(root, **{"distill.epochs": 1, "student.name": "r2", "student.registers": 2})
     assert teacher_cache.run(second).url == store.url  # nothing to compute
     distill.run(second)
     assert {p: os.path.getmtime(p) for p in _files(store.url)} == before
     assert checkpoint.latest(join_url(second.students_url, "r2"))
 
-    wrong = tiny_config(str(tmp_path / "run"), **{"teacher.img_size": 96, "student.name": "wrong"})
+    wrong = tiny_config(root, **{"teacher.img_size": 96, "student.name": "wrong"})
     with pytest.raises(ConfigError, match=r"teacher\.img_size") as info:
         distill.run(wrong)
     assert "teacher.grid" in str(info.value)
-    explicit = tiny_config(str(tmp_path / "run"), **{"teacher.img_size": 96, "distill.store": store.url, "student.name": "w"})
+    explicit = tiny_config(root, **{"teacher.img_size": 96, "distill.store": store.url, "student.name": "w"})
     with pytest.raises(ConfigError, match=r"grid: \[4, 4\] \(store\) != \[6, 6\] \(config\)"):
         distill.run(explicit)
     assert not os.path.exists(join_url(wrong.students_url, "wrong"))  # refused before any compute
 
-    changed = tiny_config(str(tmp_path / "run"), **{"distill.epochs": 1, "student.name": "r2", "distill.lr": 5e-4})
+    changed = tiny_config(root, **{"distill.epochs": 1, "student.name": "r2", "distill.lr": 5e-4})
     with pytest.raises(ConfigError, match="distill.lr"):
         distill.run(changed)  # resuming a run with other settings
 
 
-def test_targets_identical_across_runs_and_worker_counts(tmp_path, ray_local):
-    one = tiny_config(str(tmp_path / "run"), **{"cache.root": str(tmp_path / "c1"), "cache.num_actors": 1})
-    two = tiny_config(str(tmp_path / "run"), **{"cache.root": str(tmp_path / "c2"), "cache.num_actors": 2})
-    shard.run(one)
+def test_targets_identical_across_runs_and_worker_counts(tiny_run, tmp_path):
+    # one actor: the store `tiny_run` computed; two actors: a store of their own, outside it
+    one = tiny_config(tiny_run, **{"cache.num_actors": 1})
+    two = tiny_config(tiny_run, **{"cache.root": str(tmp_path / "c2"), "cache.num_actors": 2,
+                                   "storage.extra_roots": [parent(tiny_run), str(tmp_path)]})
     a, b = teacher_cache.run(one), teacher_cache.run(two)
     assert a.url.rsplit("/", 1)[1] == b.url.rsplit("/", 1)[1]  # same fingerprint
     ta, tb = zarr.open_group(a.zarr_url, mode="r")["targets"][:], zarr.open_group(b.zarr_url, mode="r")["targets"][:]

@@ -132,7 +132,7 @@ def test_a_later_field_at_its_default_leaves_the_fingerprint_alone(tmp_path):
     assert TargetStore.create_or_open(str(tmp_path), SPEC, "m", num_rows=3).spec == SPEC
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_direct_row_reads_equal_zarrs(tmp_path, request, where, dtype):
     """Rows read from their byte ranges (the shard index) equal what Zarr reads, for targets

@@ -106,9 +106,10 @@ def test_config_params_are_flat_and_redacted():
 
 # --- TensorBoard ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_tensorboard_files_read_back_with_tensorboard(where, tmp_path, s3_endpoint, s3_bucket):
-    root, so = (str(tmp_path), {}) if where == "local" else s3_bucket
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_tensorboard_files_read_back_with_tensorboard(where, tmp_path, request):
+    root, so = (str(tmp_path), {}) if where == "local" else request.getfixturevalue("s3_bucket")
+    s3_endpoint = request.getfixturevalue("s3_endpoint") if where == "s3" else None
     url = f"{root}/run/tensorboard"
     staging = os.path.join(tempfile.gettempdir(), "phreg-tb-*")
     before = set(glob.glob(staging))

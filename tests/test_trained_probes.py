@@ -33,7 +33,7 @@ from pipeline.evaluation.trained_probes import (
     train_segmentation,
     window_starts,
 )
-from stages import evaluate, shard
+from stages import evaluate
 from tests.conftest import tiny_config
 
 SETTINGS = TrainedProbeSettings(iterations=100, batch_size=8, lr=3e-2, stride=2 / 3, bins=256, min_depth=0.001,
@@ -308,14 +308,14 @@ def test_flat_probe_and_ttr_keys_of_older_configs_still_load_with_a_warning():
 
 
 @pytest.mark.slow
-def test_evaluate_with_trained_probes(tmp_path, ray_local):
-    """One model alone, probes trained on the generated labeled set: both kinds scored, the
-    report names the protocol, the pictures are drawn."""
-    cfg = tiny_config(str(tmp_path / "run"), **{
-        "evaluate.model": "vit_tiny_patch16_224", "shard.sample_size": 4, "evaluate.num_images": 2, "evaluate.pca_images": 1,
+def test_evaluate_with_trained_probes(tiny_copy):
+    """One model alone (on two images of the sharded tiny corpus), probes trained on the
+    generated labeled set: both kinds scored, the report names the protocol, the pictures are
+    drawn."""
+    cfg = tiny_config(tiny_copy, **{
+        "evaluate.model": "vit_tiny_patch16_224", "evaluate.num_images": 2, "evaluate.pca_images": 1,
         "evaluate.residual_block": None, "evaluate.labeled": "sample:labeled", "evaluate.probes.protocol": "trained",
         "evaluate.probes.iterations": 4, "evaluate.probes.batch_size": 2})
-    shard.run(cfg)
     report = evaluate.run(cfg)
     probes = report["probes"]
     assert probes["probe_protocol"] == "trained" and "ridge" not in probes and "trained linear heads" in probes["protocol"]

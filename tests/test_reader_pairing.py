@@ -131,7 +131,7 @@ def test_online_views_follow_a_shuffled_plan(corpus):
             assert np.array_equal(offsets, item.offsets) and np.array_equal(flips, item.flips), (epoch, index)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_reader_processes_give_the_batches_of_a_thread(tmp_path, where, request):
     """Batches from 1 and 2 forked reader processes equal those of the in-process thread, bit
     for bit and in order, for a rank of two resuming mid-epoch with joint flips; on S3 the
