@@ -22,20 +22,20 @@ import ray
 
 from pipeline.config import Config, TeacherConfig, expand_students
 from pipeline.data.manifest import Manifest
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import PipelineError
 from pipeline.evaluation import zeroshot
-from pipeline.evaluation.baselines import TEST_TIME_REGISTERS, LocateJob, locate_job, registers_baseline
-from pipeline.evaluation.labeled import SAMPLE as SAMPLE_LABELED
-from pipeline.evaluation.labeled import LabeledSet, open_labeled, write_labeled_sample
-from pipeline.evaluation.plan import Plan, evaluation_indices, plan
+from pipeline.evaluation.baselines import TEST_TIME_REGISTERS, LocateJob, describe_baseline, locate_job, locate_request
+from pipeline.evaluation.baselines import registers_baseline
+from pipeline.evaluation.labeled import LabeledSet, labeled_url, open_labeled
+from pipeline.evaluation.plan import Plan, measure_jobs, plan
 from pipeline.evaluation.probes import ProbeSums
 from pipeline.evaluation.report import markdown, table
 from pipeline.evaluation.summary import draw, probe_report, summarize, zeroshot_report
-from pipeline.evaluation.tasks import MeasureJob, ProbeJob, TrainedProbeJob, combine, measure, merge_sums
-from pipeline.evaluation.tasks import ZeroShotJob, probe, trained_probe, zeroshot_segment
+from pipeline.evaluation.tasks import MeasureJob, ProbeJob, TrainedProbeJob, ZeroShotJob, chunks, combine, measure, merge_sums
+from pipeline.evaluation.tasks import probe, trained_probe, zeroshot_segment
 from pipeline.evaluation.trained_probes import TrainedProbeSettings
 from pipeline.models.vit import describe_teacher
-from pipeline.storage import absolute, exists, join_url, write_bytes_atomic
+from pipeline.storage import exists, join_url, write_bytes_atomic
 from pipeline.tracking import log_evaluation
 from stages.runtime import cluster_gpus, init_ray, progress, say
 
@@ -53,22 +53,13 @@ def add_baselines(cfg: Config, p: Plan) -> None:
     if TEST_TIME_REGISTERS not in e.baselines:
         return
     base = p.models[0]
-    if base.teacher is None:
-        raise ConfigError("evaluate.baselines are built from a timm model (the teacher, or evaluate.model given as a "
-                          "timm name), not from an export folder")
     # the register neurons are located on the training images when there are any (PH-Reg learned from them too)
     training = cfg.cache_shards_url
     manifest = Manifest.load(training, so) if exists(join_url(training, "manifest.json"), so) else p.manifest
-    job = LocateJob(manifest, evaluation_indices(manifest, e.ttr.images), p.preprocess, base, e.ttr.detect_block,
-                    e.ttr.threshold, e.ttr.max_block, e.ttr.top_k, e.ttr.max_top_k, so)
-    location = ray.get(_locate.options(num_gpus=task_gpus()).remote(job))
-    neurons = ", ".join(f"{n['layer']}.{n['index']}" for n in location["neurons"])
+    (location,) = run_tasks(_locate, [locate_request(base, manifest, p.preprocess, e.ttr, so)], "locate")
     p.models.append(registers_baseline(base, location))
     p.baselines[TEST_TIME_REGISTERS] = location
-    p.described[TEST_TIME_REGISTERS] = (
-        f"test-time registers on `{base.name}` (Jiang et al. 2025): one extra token takes the activations of "
-        f"{len(location['neurons'])} register neurons (block.neuron: {neurons}), located on {location['images']} images "
-        f"of `{manifest.url}`")
+    p.described[TEST_TIME_REGISTERS] = describe_baseline(base, location, manifest.url)
 
 
 # --- per-image measurements (a Ray task per group of images of one shard) -----------------
@@ -76,15 +67,6 @@ def add_baselines(cfg: Config, p: Plan) -> None:
 @ray.remote(num_cpus=1, max_retries=2)
 def _measure(job: MeasureJob) -> dict:
     return measure(job)
-
-
-def measure_jobs(p: Plan, block: int | None, pictures: int, per_task: int, so) -> list[MeasureJob]:
-    by_shard: dict[int, list[int]] = {}
-    for index in p.indices:
-        by_shard.setdefault(p.manifest.locate(index)[0], []).append(index)
-    pictured = p.indices[:pictures]
-    return [MeasureJob(p.manifest, shard, group[i:i + per_task], pictured, p.store, p.preprocess, p.models, block, so)
-            for shard, group in by_shard.items() for i in range(0, len(group), per_task)]
 
 
 # --- linear probes (Ray tasks over groups of labeled images, or per model and kind) --------
@@ -103,7 +85,7 @@ def run_probes(cfg: Config, p: Plan, output: str) -> dict | None:
     so, e = cfg.storage.storage_options, cfg.evaluate
     if not e.labeled:
         return None
-    url = write_labeled_sample(cfg.under_root("sample_labeled"), so) if e.labeled == SAMPLE_LABELED else absolute(e.labeled)
+    url = labeled_url(e.labeled, cfg.under_root("sample_labeled"), so)
     labeled = open_labeled(url, so)
     k = e.pca_images
     examples = [it.id for it in labeled.with_masks("val")[:k]] + [it.id for it in labeled.with_depth("val")[:k]]
@@ -115,16 +97,15 @@ def ridge_probes(e, p: Plan, labeled: LabeledSet, examples: list[str], so) -> di
     """Fit sums over the train split, closed-form weights, scores over the val split."""
     def jobs(split, weights, examples):
         items = [it for it in labeled.splits[split] if it.mask or it.depth]
-        return [ProbeJob(labeled, items[i:i + e.images_per_task], p.preprocess, p.models, weights, examples, so)
-                for i in range(0, len(items), e.images_per_task)]
+        return [ProbeJob(labeled, group, p.preprocess, p.models, weights, examples, so)
+                for group in chunks(items, e.images_per_task)]
 
-    task = _probe.options(num_gpus=task_gpus())
-    fits = _gather([task.remote(j) for j in jobs("train", None, [])], "probe fit")
+    fits = run_tasks(_probe, jobs("train", None, []), "probe fit")
     weights = {}
     for ref in p.models:
         total = merge_sums(f[ref.name] for f in fits)
         weights[ref.name] = {k: s.solve(e.probes.ridge) for k, s in (("seg", total.seg_fit), ("depth", total.depth_fit)) if s}
-    scored = _gather([task.remote(j) for j in jobs("val", weights, examples)], "probe val")
+    scored = run_tasks(_probe, jobs("val", weights, examples), "probe val")
     return {ref.name: merge_sums(s[ref.name] for s in scored) for ref in p.models}
 
 
@@ -133,8 +114,7 @@ def trained_probes(e, p: Plan, labeled: LabeledSet, examples: list[str], so) -> 
     settings = TrainedProbeSettings.from_config(e, seed=0)
     kinds = [kind for kind, has in (("seg", labeled.with_masks), ("depth", labeled.with_depth)) if has("train") and has("val")]
     jobs = [TrainedProbeJob(labeled, kind, p.preprocess, ref, settings, examples, so) for ref in p.models for kind in kinds]
-    task = _trained_probe.options(num_gpus=task_gpus())
-    parts = _gather([task.remote(j) for j in jobs], "trained probes")
+    parts = run_tasks(_trained_probe, jobs, "trained probes")
     return {ref.name: merge_sums(part for job, part in zip(jobs, parts) if job.model.name == ref.name) for ref in p.models}
 
 
@@ -149,7 +129,7 @@ def run_zeroshot(cfg: Config, p: Plan, output: str) -> dict | None:
     so, e, z = cfg.storage.storage_options, cfg.evaluate, cfg.evaluate.zeroshot
     if not z.labeled:
         return None
-    url = write_labeled_sample(cfg.under_root("sample_labeled"), so) if z.labeled == SAMPLE_LABELED else absolute(z.labeled)
+    url = labeled_url(z.labeled, cfg.under_root("sample_labeled"), so)
     labeled = open_labeled(url, so, splits=(z.split,))
     items = labeled.with_masks(z.split)
     if not items:
@@ -161,20 +141,19 @@ def run_zeroshot(cfg: Config, p: Plan, output: str) -> dict | None:
     queries, class_index = zeroshot.class_queries(z, labeled.classes, dim, so)
     params = {k: getattr(z, k) for k in ("short_side", "crop", "stride", "logit_scale", "prob_threshold")}
     examples = [it.id for it in items[:e.pca_images]]
-    jobs = [ZeroShotJob(labeled, items[i:i + e.images_per_task], p.preprocess, p.models, queries, class_index, params,
-                        examples, so) for i in range(0, len(items), e.images_per_task)]
-    parts = _gather([_zeroshot.options(num_gpus=task_gpus()).remote(j) for j in jobs], "zero-shot")
+    jobs = [ZeroShotJob(labeled, group, p.preprocess, p.models, queries, class_index, params, examples, so)
+            for group in chunks(items, e.images_per_task)]
+    parts = run_tasks(_zeroshot, jobs, "zero-shot")
     return zeroshot_report(z, labeled, url, items, p, parts, examples, output, so)
 
 
 # --- the run ------------------------------------------------------------------------------
 
-def task_gpus() -> int:
-    """A GPU per task where the cluster has GPUs (the tasks then run one per GPU)."""
-    return 1 if cluster_gpus() >= 1 else 0
-
-
-def _gather(refs: list, desc: str) -> list:
+def run_tasks(task, jobs: list, desc: str) -> list:
+    """The results of `task` on each job, in order, with a progress bar. Each task takes a GPU
+    where the cluster has GPUs (the tasks then run one per GPU)."""
+    task = task.options(num_gpus=1 if cluster_gpus() >= 1 else 0)
+    refs = [task.remote(job) for job in jobs]
     bar, pending, results = progress(len(refs), desc, "task"), list(refs), {}
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -199,8 +178,7 @@ def evaluate_one(cfg: Config) -> dict:
     add_baselines(cfg, p)
     jobs = measure_jobs(p, e.residual_block, e.pca_images, e.images_per_task, so)
     say(f"evaluate: {', '.join(p.described)} on {len(p.indices)} images of {p.manifest.url} ({len(jobs)} tasks)")
-    task = _measure.options(num_gpus=task_gpus())
-    data = combine(_gather([task.remote(j) for j in jobs], "evaluate"))
+    data = combine(run_tasks(_measure, jobs, "evaluate"))
     report = summarize(cfg, p, data)
     report["baselines"] = p.baselines
     report["probes"] = run_probes(cfg, p, p.output)

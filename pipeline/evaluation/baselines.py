@@ -15,6 +15,8 @@ import torch
 from pipeline.data.images import Preprocess, crop_box, decode_rgb
 from pipeline.data.manifest import Manifest
 from pipeline.data.shards import read_images
+from pipeline.errors import ConfigError
+from pipeline.evaluation.plan import evaluation_indices
 from pipeline.evaluation.tasks import ModelRef
 from pipeline.models.register_neurons import locate
 
@@ -35,6 +37,16 @@ class LocateJob:
     storage_options: dict
 
 
+def locate_request(base: ModelRef, manifest: Manifest, preprocess: Preprocess, ttr, storage_options) -> LocateJob:
+    """The job that locates `base`'s register neurons on `ttr.images` images of `manifest`
+    (`ttr`: the evaluate.ttr section)."""
+    if base.teacher is None:
+        raise ConfigError("evaluate.baselines are built from a timm model (the teacher, or evaluate.model given as a "
+                          "timm name), not from an export folder")
+    return LocateJob(manifest, evaluation_indices(manifest, ttr.images), preprocess, base, ttr.detect_block,
+                     ttr.threshold, ttr.max_block, ttr.top_k, ttr.max_top_k, storage_options)
+
+
 def locate_job(job: LocateJob) -> dict:
     """The register neurons of the job's model, located on its images (centre crops)."""
     images = [decode_rgb(data) for data in read_images(job.manifest, job.indices, job.storage_options)]
@@ -50,3 +62,11 @@ def registers_baseline(base: ModelRef, location: dict) -> ModelRef:
     """The baseline: `base` (a timm model built from a teacher config) with the located neurons moved."""
     neurons = tuple((n["layer"], n["index"]) for n in location["neurons"])
     return ModelRef(TEST_TIME_REGISTERS, teacher=base.teacher, test_time_registers=neurons)
+
+
+def describe_baseline(base: ModelRef, location: dict, shards_url: str) -> str:
+    """What the report says the baseline is."""
+    neurons = ", ".join(f"{n['layer']}.{n['index']}" for n in location["neurons"])
+    return (f"test-time registers on `{base.name}` (Jiang et al. 2025): one extra token takes the activations of "
+            f"{len(location['neurons'])} register neurons (block.neuron: {neurons}), located on {location['images']} "
+            f"images of `{shards_url}`")

@@ -28,7 +28,7 @@ from PIL import Image
 from pipeline.data.images import decode_rgb
 from pipeline.data.sample_corpus import base_photographs
 from pipeline.errors import PipelineError
-from pipeline.storage import exists, join_url, list_names, read_bytes, read_json, write_bytes_atomic, write_json
+from pipeline.storage import absolute, exists, join_url, list_names, read_bytes, read_json, write_bytes_atomic, write_json
 
 SPLITS = ("train", "val")
 SAMPLE = "sample:labeled"
@@ -246,3 +246,9 @@ def write_labeled_sample(url: str, storage_options=None, seed: int = 0) -> str:
             write_bytes_atomic(join_url(url, split, "depth", f"depth_{i:04d}.npy"), _npy(d), storage_options)
     write_json(marker, {"version": SAMPLE_VERSION, "seed": seed, "counts": SAMPLE_COUNTS}, storage_options)
     return url
+
+
+def labeled_url(value: str, sample_url: str, storage_options=None) -> str:
+    """The labeled set a config names: `SAMPLE` is the generated one, written at `sample_url`
+    on first use; anything else is a folder or storage URL."""
+    return write_labeled_sample(sample_url, storage_options) if value == SAMPLE else absolute(value)

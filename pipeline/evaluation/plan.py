@@ -17,7 +17,7 @@ from pipeline.config import Config, TeacherConfig
 from pipeline.data.images import INTERPOLATIONS, Preprocess
 from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.evaluation.tasks import TARGET, ModelRef
+from pipeline.evaluation.tasks import TARGET, MeasureJob, ModelRef, chunks
 from pipeline.models.vit import describe_teacher
 from pipeline.storage import absolute, exists, has_scheme, join_url, read_json
 from pipeline.targets.store import TargetStore, find_store, store_spec
@@ -122,3 +122,14 @@ def pipeline_plan(cfg: Config, manifest: Manifest, indices: list[int]) -> Plan:
     described["student"] = f"export folder `{student_url}`"
     models = [ModelRef("teacher", teacher=cfg.teacher.model_dump(mode="json")), ModelRef("student", export=student_url)]
     return Plan("pipeline", models, manifest, indices, store, preprocess, trained_on, cfg.eval_url, described)
+
+
+def measure_jobs(p: Plan, block: int | None, pictures: int, per_task: int, storage_options) -> list[MeasureJob]:
+    """The per-image measurements of `p` as jobs of at most `per_task` images of one shard each;
+    the first `pictures` images come back with the pixels the figures need."""
+    by_shard: dict[int, list[int]] = {}
+    for index in p.indices:
+        by_shard.setdefault(p.manifest.locate(index)[0], []).append(index)
+    pictured = p.indices[:pictures]
+    return [MeasureJob(p.manifest, shard, group, pictured, p.store, p.preprocess, p.models, block, storage_options)
+            for shard, images in by_shard.items() for group in chunks(images, per_task)]

@@ -68,6 +68,11 @@ class ModelRef:
         return loaded
 
 
+def chunks(items: list, n: int) -> list[list]:
+    """`items` in consecutive groups of at most `n`: the work of one task each."""
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
 @dataclass
 class MeasureJob:
     manifest: Manifest
