@@ -5,10 +5,10 @@ the S3 endpoint (moto's server on loopback).
 The cluster is two `ray start` processes on this machine (a head with the dashboard and a
 second node joining it), each with one CPU and a custom resource (`node_a`, `node_b`), so
 two one-CPU actors or Ray Train workers can only run one per node. Each node has its own
-ports and its own temp dir (pytest's, so the nodes' logs outlive a failure). Teardown kills
-exactly the processes of these two nodes (their sessions, plus the job drivers, which run in
-sessions of their own under a node's job supervisor); never `ray stop`, which would kill
-every Ray on the machine.
+ports and its own temp dir (kept in pytest's afterwards, so the nodes' logs outlive a
+failure). Teardown kills exactly the processes of these two nodes (their sessions, plus the
+job drivers, which run in sessions of their own under a node's job supervisor); never
+`ray stop`, which would kill every Ray on the machine.
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +100,10 @@ def alive_nodes(address: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    temp = tmp_path_factory.mktemp("ray")
-    # Ray's unix sockets live in <temp>/<node>/session_<time>_<pid>/sockets/ (107 bytes at most).
-    assert len(str(temp)) <= 40, f"{temp} is too long for Ray's socket paths: use a shorter --basetemp"
+    # Ray's unix sockets live in <temp>/<node>/session_<time>_<pid>/sockets/ (107 bytes at most),
+    # too long under pytest's folders (one per xdist worker): the nodes run in a short folder of
+    # /tmp, moved into pytest's afterwards so that their logs outlive a failure.
+    temp = Path(tempfile.mkdtemp(prefix="phc-", dir="/tmp"))
     # The nodes' processes (and so every worker and job driver) get this environment: the S3
     # test credentials set by conftest, and the venv's `python` for the jobs' entrypoints.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -123,6 +126,7 @@ def cluster(tmp_path_factory):
         yield Cluster(address, nodes)
     finally:
         kill_sessions(sessions)
+        shutil.move(temp, tmp_path_factory.mktemp("ray"))
 
 
 def submit(cluster: Cluster, stage: str, *make_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
