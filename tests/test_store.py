@@ -6,8 +6,10 @@ import pytest
 import torch
 import zarr
 
+from pipeline.config import TeacherConfig
 from pipeline.data.manifest import Unit
 from pipeline.errors import ConfigError
+from pipeline.models.vit import describe_teacher
 from pipeline.storage import exists, join_url, url_to_fs, write_json
 from pipeline.targets.store import StoreSpec, TargetStore, decode, describe_differences, encode
 
@@ -190,3 +192,16 @@ def test_markers_with_either_digest_verify_and_a_changed_row_fails_both(tmp_path
     store.group["crops"][1, 1, 0, 0, 0] = 8
     for digest in (written["digest"], legacy):
         assert any("digest mismatch" in p for p in check_unit(store, unit, {"digest": digest}))
+
+
+def test_teacher_model_kwargs_name_a_store_of_their_own():
+    """Teachers that differ only in their timm.create_model arguments make other targets, so
+    they get other stores, and a mismatch names the argument; a teacher built without any keeps
+    the spec (and so the store names) it had before the arguments were recorded."""
+    plain = TeacherConfig(model="vit_tiny_patch16_224", img_size=64)
+    two, one = (describe_teacher(plain.model_copy(update={"model_kwargs": {"depth": d, "num_heads": 3}})) for d in (2, 1))
+    assert two.to_dict()["model_kwargs"] == {"depth": 2, "num_heads": 3}
+    assert "model_kwargs" not in describe_teacher(plain).to_dict()
+    assert describe_differences(two.to_dict(), one.to_dict(), "store", "config") == [
+        "model_kwargs.depth: 2 (store) != 1 (config)"]
+    assert replace(SPEC, teacher=two.to_dict()).fingerprint != replace(SPEC, teacher=one.to_dict()).fingerprint

@@ -11,7 +11,8 @@ import hashlib
 import inspect
 import io
 import pickle
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
 
 import safetensors.torch
 import timm
@@ -38,10 +39,17 @@ class TeacherSpec:
     dim: int
     num_prefix_tokens: int
     preprocess: Preprocess
+    # teacher.model_kwargs as JSON reads them back: they can change the features (depth, a
+    # dense block, planted artifacts) where the name, weights and shapes above do not
+    model_kwargs: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The spec as a store records and hashes it; no model_kwargs entry when there are none,
+        so stores of teachers built without any keep the names they were made with."""
         d = asdict(self)
         d.update(img_size=list(self.img_size), patch=list(self.patch), grid=list(self.grid), preprocess=self.preprocess.to_dict())
+        if not self.model_kwargs:
+            del d["model_kwargs"]
         return d
 
 
@@ -116,6 +124,7 @@ def describe_teacher(cfg: TeacherConfig, storage_options=None) -> TeacherSpec:
         dim=feature_dim(model),
         num_prefix_tokens=model.num_prefix_tokens,
         preprocess=Preprocess(cfg.hw, data["interpolation"], tuple(data["mean"]), tuple(data["std"])),
+        model_kwargs=json.loads(json.dumps(cfg.model_kwargs, sort_keys=True, default=str)),
     )
 
 
