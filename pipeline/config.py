@@ -170,7 +170,8 @@ class CacheConfig(Section):
     on_bad_image: Literal["fail", "skip"] = Field(
         "fail", description="An image of a shard that no longer decodes (a file cut short or overwritten after sharding): "
         "'fail' stops the stage naming the shard, unit and image; 'skip' records it as rejected in its unit's marker "
-        "(its rows zero, never trained on) and goes on."
+        "(its rows zero, never trained on) and goes on. Online distillation (distill.targets: online) reads the shards "
+        "itself and follows the same choice: 'skip' trains on the unit's next image instead, and logs the one skipped."
     )
     compile: bool = Field(
         False, description="torch.compile the teacher's forward (fixed batch shapes: one compilation per actor). Worth it "

@@ -21,7 +21,7 @@ from pipeline.models.vit import describe_teacher, patch_features
 from pipeline.targets.store import StoreSpec, TargetStore
 from pipeline.targets.store_check import check_unit
 from pipeline.targets.teacher_targets import TeacherTargets
-from pipeline.training.pairs import CachedPairs
+from pipeline.training.pairs import CachedPairs, OnlineViews
 from tests.conftest import TINY
 from tests.test_tta import _recover_by_loop, _render_views_by_loop
 
@@ -140,6 +140,23 @@ def test_an_image_that_no_longer_decodes_is_named_or_rejected(tmp_path):
     want = list(pairs.examples([(1, np.array([2, 0, 2]))], 0))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
 
+
+def test_online_distillation_names_or_skips_an_image_that_no_longer_decodes(tmp_path):
+    """Online students read the shards themselves: the same image is named with the setting
+    to change, or (cache.on_bad_image: skip) the unit's next image stands in, views and all."""
+    manifest = _corpus(tmp_path)
+    key = _corrupt(manifest, 4)
+    spec = _store(tmp_path, manifest, variants=1).spec
+    pre = Preprocess.from_dict(spec.teacher["preprocess"])
+    with pytest.raises(PipelineError) as info:
+        list(OnlineViews(manifest, pre, spec=spec).examples([(1, np.array([0, 1]))], 0))
+    message = str(info.value)
+    assert f"shard 0 ({manifest.record(0).tar}), unit 1, image {key!r} (global index 4): its bytes no longer decode" \
+        in message and "cache.on_bad_image: skip" in message
+    views = OnlineViews(manifest, pre, spec=spec, skip_bad=True)
+    got = list(views.examples([(1, np.array([1, 0, 2]))], 3))
+    want = list(views.examples([(1, np.array([2, 0, 2]))], 3))
+    assert all(all(np.array_equal(a, b) for a, b in zip(g, w)) for g, w in zip(got, want))
 
 
 def test_a_truncated_shard_names_the_image_it_cuts(tmp_path):

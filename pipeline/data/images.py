@@ -109,6 +109,22 @@ def decode_rgb(data: bytes) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(img))
 
 
+# Why an image of a shard can no longer be used, though it passed the shard stage's checks
+# (its file was cut short or overwritten since).
+BAD_IMAGE = {1: "the shard's file ends before its bytes (truncated)", 2: "its bytes no longer decode"}
+
+
+def decode_stored(data: bytes, size: int) -> tuple[Image.Image | None, int, str]:
+    """An image read back from a shard, as `decode_rgb` gives it, or None with its BAD_IMAGE
+    code and what the decoder said; `size` is its length in the manifest."""
+    if len(data) != size:
+        return None, 1, ""
+    try:
+        return decode_rgb(data), 0, ""
+    except Exception as e:  # noqa: BLE001 - whatever the decoder says, the image is unusable
+        return None, 2, f": {type(e).__name__}: {e}"
+
+
 def crop_box(width: int, height: int, out_hw: tuple[int, int], mode: str, rng: np.random.Generator | None = None):
     """The largest box of the output's aspect ratio inside the image, centred or at a random
     offset along the free axis. Returned as (left, top, right, bottom) in pixels (floats)."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.config import TeacherConfig
-from pipeline.data.images import Preprocess, decode_rgb
+from pipeline.data.images import BAD_IMAGE, Preprocess, decode_stored
 from pipeline.data.manifest import Manifest, Unit
 from pipeline.data.readers import in_order
 from pipeline.data.shards import fetch_images
@@ -41,10 +41,6 @@ def view_jobs(units: list[Unit], variants: int, batch_images: int) -> list[tuple
         pairs = [(row, variant) for row in range(unit.count) for variant in range(variants)]
         jobs += [(unit, pairs[i:i + batch_images]) for i in range(0, len(pairs), batch_images)]
     return jobs
-
-
-# Why an image of a shard was rejected by the teacher-cache stage (`cache.on_bad_image: skip`).
-BAD_IMAGE = {1: "the shard's file ends before its bytes (truncated)", 2: "its bytes no longer decode"}
 
 
 class ViewSample(NamedTuple):
@@ -86,16 +82,10 @@ class UnitViews:
         images, bad = {}, {}
         for row, d in zip(rows, data):
             position = unit.first + row
-            try:
-                bad[row] = 1 if len(d) != record.sizes[position] else 0
-                if not bad[row]:
-                    images[row] = decode_rgb(d)
-            except Exception as e:  # noqa: BLE001 - whatever the decoder says, the image is unusable
-                bad[row], cause = 2, f": {type(e).__name__}: {e}"
+            images[row], bad[row], cause = decode_stored(d, record.sizes[position])
             if bad[row] and not self.skip_bad:
-                detail = cause if bad[row] == 2 else ""
                 raise PipelineError(f"{where}, image {record.keys[position]!r} (global index {unit.start + row}): "
-                                    f"{BAD_IMAGE[bad[row]]}{detail}. Set cache.on_bad_image: skip to record it as "
+                                    f"{BAD_IMAGE[bad[row]]}{cause}. Set cache.on_bad_image: skip to record it as "
                                     f"rejected and go on")
         out = []
         for row, variant in pairs:

@@ -144,7 +144,7 @@ def _targets(job: DistillJob, preprocess: Preprocess, device: torch.device, teac
         with torch.no_grad(), autocast:
             return denoise(lambda x: patch_features(teacher, x).float(), images, batch.offsets, batch.flips, patch, fill)
 
-    return OnlineViews(manifest, preprocess, so, spec=job.spec), online
+    return OnlineViews(manifest, preprocess, so, spec=job.spec, skip_bad=cfg.cache.on_bad_image == "skip"), online
 
 
 class Records:

@@ -9,13 +9,14 @@ units than ranks, units are split into interleaved parts instead.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline.data.images import Preprocess, decode_rgb
+from pipeline.data.images import BAD_IMAGE, Preprocess, decode_rgb, decode_stored
 from pipeline.data.manifest import Manifest, Unit
 from pipeline.data.shards import fetch_images
 from pipeline.errors import PipelineError
@@ -151,14 +152,37 @@ class OnlineViews(Examples):
     (seed, index, epoch), so epoch e sees what a cache's variant e would hold."""
 
     spec: StoreSpec | None = None
+    skip_bad: bool = False  # cache.on_bad_image: skip
+    _bad: set[int] = field(default_factory=set, init=False, repr=False)  # global indices said once
 
     def samples(self, epoch: int, unit_id: int, positions: np.ndarray) -> list[Views]:
         unit = self.units[unit_id]
+        record = self.manifest.record(unit.shard, self.storage_options)
         out = []
         for p, data in zip(positions, self._images(unit, positions)):
-            item = prepare(decode_rgb(data), unit.start + int(p), epoch, self.spec, self.preprocess, 0)
+            p, image = self._decoded(unit, record, int(p), data)
+            item = prepare(image, unit.start + p, epoch, self.spec, self.preprocess, 0)
             out.append(Views(item.pixels, item.offsets, item.flips))
         return out
+
+    def _decoded(self, unit: Unit, record, p: int, data: bytes):
+        """(position, image) of image `p` of the unit; an image that no longer decodes stops the
+        run naming it, or with `skip_bad` is replaced by the next one of the unit that does (as
+        a cached student's is), so a batch keeps its size."""
+        for _ in range(unit.count):
+            image, code, cause = decode_stored(data, record.sizes[unit.first + p])
+            if image is not None:
+                return p, image
+            what = (f"shard {unit.shard} ({record.tar}), unit {unit.id}, image {record.keys[unit.first + p]!r} "
+                    f"(global index {unit.start + p}): {BAD_IMAGE[code]}{cause}")
+            if not self.skip_bad:
+                raise PipelineError(f"{what}. Set cache.on_bad_image: skip to train on the other images")
+            if unit.start + p not in self._bad:
+                self._bad.add(unit.start + p)
+                logging.getLogger(__name__).warning("skipped, never trained on: %s", what)
+            p = (p + 1) % unit.count
+            (data,) = self._images(unit, [p])
+        raise PipelineError(f"shard {unit.shard} ({record.tar}), unit {unit.id}: no image of the unit decodes")
 
 
 @dataclass
