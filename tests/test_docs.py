@@ -115,3 +115,25 @@ def test_the_link_check_catches(tmp_path, text, problem):
 ])
 def test_slugs_follow_github(heading, anchor):
     assert slug(heading) == anchor
+
+
+TEST_REFERENCE = re.compile(r"\b(test_\w+\.py)(?:::(test_\w+))?")
+
+
+def missing_tests(pages: list[pathlib.Path], tests: pathlib.Path = ROOT / "tests") -> list[str]:
+    """References such as `test_store.py::test_x` (or a file alone) whose file or test is gone."""
+    missing = []
+    for page in pages:
+        for file, test in TEST_REFERENCE.findall(page.read_text()):
+            path = tests / file
+            if not path.exists() or (test and not re.search(rf"^def {test}\(", path.read_text(), re.M)):
+                missing.append(f"{page.name}: {file}{'::' + test if test else ''}")
+    return sorted(set(missing))
+
+
+def test_every_test_the_docs_name_exists(tmp_path):
+    assert missing_tests(PAGES + [ROOT / "BENCHMARKS.md"]) == []
+    (tmp_path / "test_a.py").write_text("def test_here():\n    pass\n")
+    page = tmp_path / "page.md"
+    page.write_text("`test_a.py::test_here`, `test_a.py::test_gone`, `test_b.py`, `test_a.py`")
+    assert missing_tests([page], tmp_path) == ["page.md: test_a.py::test_gone", "page.md: test_b.py"]
