@@ -465,13 +465,6 @@ class EvaluateConfig(Section):
         renames = {k: ("ttr", k[len("ttr_"):]) for k in data if k.startswith("ttr_")}
         renames |= {k: ("probes", k[len("probe_"):]) for k in data if k.startswith("probe_")}
         return _moved("evaluate", data, renames)
-        data = dict(data)
-        for old in [k for k in data if k.startswith(("ttr_", "probe_"))]:
-            section, key = ("ttr", old[len("ttr_"):]) if old.startswith("ttr_") else ("probes", old[len("probe_"):])
-            warnings.warn(f"evaluate.{old} is now evaluate.{section}.{key}", FutureWarning, stacklevel=2)
-            nested = data.get(section) or {}
-            data[section] = {**(nested if isinstance(nested, dict) else nested.model_dump()), key: data.pop(old)}
-        return data
 
 
 class TrackingConfig(Section):

@@ -89,7 +89,7 @@ def test_storage_that_dies_mid_run_leaves_only_markers_that_match_their_rows(pro
                "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
     root = new_bucket(options, "faults") + "/run"
     cfg = tiny_config(root, options, **{"shard.shard_size": 2, "shard.unit_rows": 2})
-    manifest = shard.run(cfg)
+    shard.run(cfg)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     marked = []
