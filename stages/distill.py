@@ -28,7 +28,7 @@ from pipeline.placement import Node, cluster_gpus, plan_workers
 from pipeline.storage import exists, has_scheme, join_url, read_json, url_to_fs, write_json
 from pipeline.targets.store import StoreSpec, describe_differences, find_store, store_spec
 from pipeline.tracking import MLflow, start_run
-from pipeline.training.loop import DistillJob, train_loop
+from pipeline.training.job import DistillJob, train_loop
 from pipeline.training.metrics import MetricsLog
 from pipeline.training.pairs import samples_per_rank
 from stages.runtime import cluster_nodes, init_ray, progress, say

@@ -1,9 +1,10 @@
 """The distill workers' loop: what every Ray Train worker of one student runs.
 
-`DistillJob` is what the driver decided for a student (its placed config, the targets, its
-run folder); Ray hands the same object to every worker. A worker builds the student (and the
-teacher in the online regime), resumes from Ray Train's latest checkpoint, then reads its
-rank's batches and trains. Rank 0 keeps the run's records: metric rows, TensorBoard/MLflow
+`DistillJob` (pipeline.training.job) is what the driver decided for a student (its placed
+config, the targets, its run folder); Ray hands the same object to every worker, whose
+`train_loop` calls `train` here. A worker builds the student (and the teacher in the online
+regime), resumes from Ray Train's latest checkpoint, then reads its rank's batches and
+trains. Rank 0 keeps the run's records: metric rows, TensorBoard/MLflow
 scalars, events and kept epochs; every rank joins the checkpoint report (a barrier).
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 
 import ray
 import ray.train
@@ -21,39 +21,25 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.config import Config
 from pipeline.data.images import Preprocess
 from pipeline.data.manifest import Manifest
 from pipeline.data.readers import in_order
 from pipeline.models.vit import PatchFeatures, build_any_student, load_teacher, patch_features, student_base, unlock
 from pipeline.placement import default_readers
 from pipeline.storage import join_url, write_bytes_atomic
-from pipeline.targets.store import StoreSpec, TargetStore
+from pipeline.targets.store import TargetStore
 from pipeline.targets.tta import denoise
 from pipeline.tracking import Tracker
 from pipeline.training import checkpoint
+from pipeline.training.job import DistillJob
 from pipeline.training.losses import compiled_loss, exp_decay_lr
 from pipeline.training.metrics import Meter, MetricsLog, record_event, scalars
 from pipeline.training.pairs import CachedPairs, OnlineViews, StepBatches
 
 
-@dataclass(frozen=True)
-class DistillJob:
-    """One student's run as the driver decided it, handed to each worker as it is."""
-
-    cfg: Config  # distill.resources.use_gpu and distill.num_workers as the cluster places them
-    manifest: str  # the shards' folder
-    spec: StoreSpec  # what the targets are (the store's, or the online regime's)
-    store: str | None  # the target store's URL; None for online targets
-    run: str  # the student's run folder
-    total_steps: int
-    mlflow: dict | None  # the MLflow run to log into, if any
-
-
-def train_loop(config: dict) -> None:
-    """Ray Train's function per worker; `config["job"]` is the student's `DistillJob`."""
+def train(job: DistillJob) -> None:
+    """One Ray Train worker's share of the student's run."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    job: DistillJob = config["job"]
     cfg, so, d = job.cfg, job.cfg.storage.storage_options, job.cfg.distill
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
