@@ -138,7 +138,7 @@ def run_zeroshot(cfg: Config, p: Plan, output: str) -> dict | None:
     # an export folder's width is known once a task loads it, and every model's is checked there.
     first = p.models[0]
     dim = describe_teacher(TeacherConfig.model_validate(first.teacher), so).dim if first.teacher else None
-    queries, class_index = zeroshot.class_queries(z, labeled.classes, dim, so)
+    queries, class_index = zeroshot.class_queries(z, labeled.classes, dim, so, saved=cfg.under_root("text_queries"))
     params = {k: getattr(z, k) for k in ("short_side", "crop", "stride", "logit_scale", "prob_threshold")}
     examples = [it.id for it in items[:e.pca_images]]
     jobs = [ZeroShotJob(labeled, group, p.preprocess, p.models, queries, class_index, params, examples, so)

@@ -274,6 +274,7 @@ def test_clip_preset_end_to_end_with_zero_shot_segmentation(tmp_path, ray_local)
     assert describe_teacher(alone.teacher).dim != 512
     z = evaluate.run(alone)["zeroshot"]
     assert list(z["models"]) == ["clip-r16"] and 0 <= z["models"]["clip-r16"]["miou"] <= 1
+    assert len(os.listdir(os.path.join(root, "text_queries"))) == 1  # the first run's class queries, read back
 
 
 @pytest.mark.slow

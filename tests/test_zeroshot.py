@@ -1,14 +1,14 @@
 """Zero-shot segmentation math on constructed cases whose answers are known by hand."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.probes import confusion, iou_per_class, mean_iou
-from pipeline.evaluation.zeroshot import (IMAGENET_TEMPLATES, cosine_logits, load_class_embeddings, open_clip_text_encoder,
-                                          parse_class_names, predict_classes, query_embeddings,
-                                          save_class_embeddings, segment, slide_logits, window_boxes)
+from pipeline.config import ZeroShotConfig
+from pipeline.evaluation.zeroshot import (IMAGENET_TEMPLATES, class_queries, cosine_logits, load_class_embeddings,
+                                          open_clip_text_encoder, parse_class_names, predict_classes, query_embeddings,
+                                          save_class_embeddings, segment, slide_logits, text_queries_key, window_boxes)
 
 PATCH = 8
 
@@ -129,6 +129,28 @@ def test_open_clip_text_tower_is_seeded():
     a = query_embeddings(enc, ["cat"], IMAGENET_TEMPLATES[:3])
     b = query_embeddings(open_clip_text_encoder("ViT-B-16", None, seed=0), ["cat"], IMAGENET_TEMPLATES[:3])
     assert a.shape == (1, 512) and torch.equal(a, b)
+
+
+def test_text_tower_queries_are_kept_and_read_back_by_what_they_depend_on(tmp_path):
+    z = ZeroShotConfig(text_model="ViT-S-16-alt", labeled="sample:labeled")  # the smallest text tower of open_clip
+    saved = str(tmp_path / "text_queries")
+    queries, index = class_queries(z, ["cat"], 256, None, saved=saved)
+    assert queries.shape == (1, 256) and index.tolist() == [0]
+    (kept,) = (tmp_path / "text_queries").iterdir()
+    assert kept.name == f"{text_queries_key(z, ['cat'])}.safetensors"
+    assert torch.equal(load_class_embeddings(str(kept), 1, 256)[0], queries)
+
+    # the next evaluation of these classes reads the kept file (overwritten here, so that reading it shows)
+    planted = F.normalize(torch.randn(1, 256), dim=-1)
+    save_class_embeddings(str(kept), planted, [0])
+    assert torch.equal(class_queries(z, ["cat"], 256, None, saved=saved)[0], planted)
+    # another seed, names, tower or weights are other queries; with weights the seed is irrelevant
+    tagged = z.model_copy(update={"text_pretrained": "openai"})
+    keys = {text_queries_key(z, ["cat"]), text_queries_key(z.model_copy(update={"text_seed": 1}), ["cat"]),
+            text_queries_key(z, ["cat", "kitten"]), text_queries_key(z.model_copy(update={"text_model": "ViT-B-16"}), ["cat"]),
+            text_queries_key(tagged, ["cat"])}
+    assert len(keys) == 5
+    assert text_queries_key(tagged, ["cat"]) == text_queries_key(tagged.model_copy(update={"text_seed": 5}), ["cat"])
 
 
 def test_class_embeddings_file_round_trip_and_refusals(tmp_path):

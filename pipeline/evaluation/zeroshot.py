@@ -17,14 +17,16 @@ Class embeddings come from any text encoder: an open_clip text tower here, or a
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.storage import absolute, read_bytes
+from pipeline.storage import absolute, exists, join_url, read_bytes, write_bytes_atomic
 
 # CLIP's 80 ImageNet prompt templates (Radford et al., 2021, the released prompt-engineering
 # notebook), the prompts NACLIP, SCLIP and PH-Reg use for segmentation.
@@ -117,9 +119,9 @@ def open_clip_text_encoder(model: str, pretrained: str | None, seed: int) -> Cal
     return encode
 
 
-def save_class_embeddings(path: str, embeddings: torch.Tensor, class_index: Sequence[int]) -> None:
-    save_file({"embeddings": embeddings.float().contiguous(),
-               "class_index": torch.as_tensor(class_index, dtype=torch.int64)}, path)
+def save_class_embeddings(url: str, embeddings: torch.Tensor, class_index: Sequence[int], storage_options=None) -> None:
+    data = save({"embeddings": embeddings.float().contiguous(), "class_index": torch.as_tensor(class_index, dtype=torch.int64)})
+    write_bytes_atomic(url, data, storage_options)
 
 
 def load_class_embeddings(path: str, num_classes: int, dim: int | None, storage_options=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,14 +218,35 @@ def segment(features_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     return predict_classes(logits, class_index, num_classes, logit_scale, prob_threshold)
 
 
-def class_queries(z, classes: list[str], dim: int | None, so) -> tuple[torch.Tensor, torch.Tensor]:
+def text_queries_key(z, names: Sequence[str]) -> str:
+    """Everything the text tower's queries depend on, hashed: the tower and its weights (its
+    seed when random, and the libraries that initialise it), the names and the templates."""
+    import open_clip
+
+    what = {"text_model": z.text_model, "text_pretrained": z.text_pretrained,
+            "text_seed": z.text_seed if z.text_pretrained is None else None, "names": list(names),
+            "templates": list(IMAGENET_TEMPLATES), "open_clip": open_clip.__version__, "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def class_queries(z, classes: list[str], dim: int | None, so, saved: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, D) unit class embeddings and the class of each: from evaluate.embeddings,
     else from the text tower (synonyms x CLIP's 80 templates). Checked against the features'
-    width `dim` here when it is known, else in the tasks."""
+    width `dim` here when it is known, else in the tasks.
+
+    With `saved` (a folder), the text tower's queries are kept there, named by what they
+    depend on, and read back by the next evaluation of the same classes: a benchmark's
+    thousands of prompts go through the text tower once, not once per student."""
     if z.embeddings:
         return load_class_embeddings(absolute(z.embeddings), len(classes), dim, so)
     names, index = parse_class_names(classes)
-    queries = query_embeddings(open_clip_text_encoder(z.text_model, z.text_pretrained, z.text_seed), names)
+    url = join_url(saved, f"{text_queries_key(z, names)}.safetensors") if saved else None
+    if url and exists(url, so):
+        queries, _ = load_class_embeddings(url, len(classes), None, so)
+    else:
+        queries = query_embeddings(open_clip_text_encoder(z.text_model, z.text_pretrained, z.text_seed), names)
+        if url:
+            save_class_embeddings(url, queries, index, so)
     if dim is not None and queries.shape[1] != dim:
         raise ConfigError(f"the text tower {z.text_model} embeds in {queries.shape[1]} dimensions, the models' features have "
                           f"{dim}: choose the CLIP text tower of the image tower, or evaluate.embeddings")
