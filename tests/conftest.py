@@ -27,6 +27,9 @@ os.environ.update(
     # Ray Train's controller polls its workers every 2 s, and a run waits for several polls
     # (workers up, reports, the end): 5 s of every distill run were spent waiting for them.
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+    # Ray Train's watcher of spot-instance preemption: one more actor process per student
+    # (~1.5 CPU-s each), for nodes that are never preempted here.
+    RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
 )
 
 from pipeline.config import Config, load_config  # noqa: E402
@@ -99,7 +102,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="WARNING",
+        # No dashboard: its modules cost CPU all session long and no test reads them here.
+        ray.init(num_cpus=2, logging_level="WARNING", include_dashboard=False,
                  runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     yield ray
     ray.shutdown()

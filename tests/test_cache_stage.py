@@ -21,6 +21,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.errors import PipelineError
 from pipeline.training.pairs import CachedPairs
 from stages import caches, shard, teacher_cache
+from stages.cli import main
 from tests.conftest import copy_run, tiny_config
 
 
@@ -66,17 +67,19 @@ def test_verify_passes_and_names_each_problem(corpus, tmp_path):
         caches.verify(cfg)
 
 
-def test_cli_verify_exits_non_zero(corpus, tmp_path):
+def test_cli_verify_exits_non_zero(corpus, tmp_path, capsys):
+    """`phreg verify`'s exit status: 0 for a good store, 2 naming the problem otherwise (the
+    CLI's own main in this process, on this session's Ray: what `python -m stages` runs)."""
     cfg = tiny_config(corpus, **{"cache.root": _with_tiny_store(corpus, _cache(corpus, tmp_path))})
     teacher_cache.run(cfg)
-    args = [sys.executable, "-m", "stages", "verify", "--storage.run_root", corpus, "--cache.root", _cache(corpus, tmp_path),
-            *_flags(cfg)]
-    ok = subprocess.run(args, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
+    args = ["verify", "--storage.run_root", corpus, "--cache.root", _cache(corpus, tmp_path), *_flags(cfg)]
+    main(args)  # returns: exit status 0
+    assert "is complete and consistent" in capsys.readouterr().out
     store_url = os.path.join(_cache(corpus, tmp_path), os.listdir(_cache(corpus, tmp_path))[0])
     os.remove(os.path.join(store_url, "complete", "00000000.json"))
-    bad = subprocess.run(args, capture_output=True, text=True)
-    assert bad.returncode == 2 and "no completion marker" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        main(args)
+    assert bad.value.code == 2 and "no completion marker" in capsys.readouterr().err
 
 
 def test_list_shows_side_by_side_stores(corpus, tmp_path):
@@ -159,7 +162,7 @@ def test_xarray_reads_the_store(corpus):
 
 
 def _flags(cfg) -> list[str]:
-    """The tiny teacher's settings as CLI flags (the subprocess must compute the same store)."""
+    """The tiny teacher's settings as CLI flags (the command must find the same store)."""
     return ["--teacher.model", cfg.teacher.model, "--teacher.img_size", str(cfg.teacher.img_size),
             "--teacher.model_kwargs", yaml.safe_dump(cfg.teacher.model_kwargs, default_flow_style=True).strip(),
             "--tta.counts", str(cfg.tta.counts), "--shard.sample_size", str(cfg.shard.sample_size),

@@ -18,7 +18,6 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.readers import in_order
 from pipeline.models.export import load_exported_features
 from pipeline.models.vit import PatchFeatures, build_student, describe_teacher, load_teacher, unlock
-from pipeline.targets.store import TargetStore
 from pipeline.targets.teacher_targets import TeacherTargets, UnitViews, view_jobs
 from pipeline.training.losses import distill_loss
 from pipeline.training.pairs import CachedPairs, StepBatches

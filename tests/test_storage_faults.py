@@ -25,6 +25,11 @@ def proxy(s3_endpoint):
     p.stop()
 
 
+def _on_this_ray(ray) -> dict:
+    """A command's environment that joins this session's Ray instead of starting one."""
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 def test_flaky_storage_every_stage_retries_and_finishes(proxy, ray_local):
     """The whole pipeline on S3 (two teacher actors, two training workers) through an endpoint
     that fails one request in seven: every output is checked as the local run's are
@@ -68,7 +73,7 @@ def test_dead_storage_fails_with_a_clear_message_and_marks_nothing(proxy, ray_lo
     path.write_text(yaml.safe_dump(other.model_dump(mode="json")))
     proxy.down = True
     proc = subprocess.run([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+                          capture_output=True, text=True, timeout=600, env=_on_this_ray(ray_local))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "storage error" in proc.stderr and "Traceback" not in proc.stderr
     proxy.down = False
@@ -102,7 +107,7 @@ def test_storage_that_dies_mid_run_leaves_only_markers_that_match_their_rows(pro
 
     proxy.refuse = refuse
     proc = subprocess.run([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+                          capture_output=True, text=True, timeout=600, env=_on_this_ray(ray_local))
     proxy.refuse = None
     assert marked, proc.stderr[-2000:]
     assert proc.returncode == 1, proc.stderr[-2000:]
