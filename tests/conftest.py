@@ -132,18 +132,27 @@ def s3_bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, ray_local) -> str:
+def tiny_run(tmp_path_factory, ray_local, worker_id) -> str:
     """The run root of `tiny_config` with its corpus sharded and its target store computed.
 
     Shared by the whole session: read it, never write into it (no stage run on it that would
-    add a store, a student or an export). A test that needs to write takes a `copy_run` of it."""
+    add a store, a student or an export). A test that needs to write takes a `copy_run` of it.
+    With xdist, the first worker to ask builds it in the session's common temp folder and the
+    others wait for it (a file lock), so it is built once per `make test`, not once per worker."""
+    from filelock import FileLock
+
     from stages import shard, teacher_cache
 
-    root = str(tmp_path_factory.mktemp("tiny") / "run")
-    cfg = tiny_config(root)
-    shard.run(cfg)
-    teacher_cache.run(cfg)
-    return root
+    # under xdist each worker's basetemp is <session temp>/<worker>: their parent is this session's
+    folder = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root, done = folder / "tiny" / "run", folder / "tiny" / "done"
+    with FileLock(str(folder / "tiny.lock")):
+        if not done.exists():
+            cfg = tiny_config(str(root))
+            shard.run(cfg)
+            teacher_cache.run(cfg)
+            done.touch()
+    return str(root)
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ def test_a_second_concurrent_run_is_refused_and_the_store_verifies(tmp_path, ray
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     first = subprocess.Popen([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
     leases = lambda: glob.glob(os.path.join(cfg.cache_root, "*", "lease.json"))  # noqa: E731
     while not leases():
         assert first.poll() is None, first.stdout.read().decode()[-2000:]
