@@ -36,12 +36,12 @@ demo shard teacher-cache distill export evaluate verify list: setup
 
 # Tests and benchmarks start their own local Ray, whatever RAY_ADDRESS says.
 # test: TEST_WORKERS pytest processes (xdist), each test file in one of them so that its module
-# fixtures are built once; much of a Ray test is waiting for processes to start, so two share
-# two cores well.
+# fixtures are built once, taken in the order tests/conftest.py gives (longest first); much of
+# a Ray test is waiting for processes to start, so two share two cores well.
 # test-fast: the inner loop, only the tests that need neither Ray nor the S3 server (markers in pyproject.toml).
 TEST_WORKERS ?= 2
 test: setup
-	env -u RAY_ADDRESS $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	env -u RAY_ADDRESS $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-fast: setup
 	env -u RAY_ADDRESS $(PY) -m pytest -m "not slow and not s3" $(ARGS)
