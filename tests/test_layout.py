@@ -99,3 +99,15 @@ def test_the_check_catches_a_forbidden_import(tmp_path, importer, imported, allo
         target.write_text(path.read_text())
     (copy / importer).write_text(f"{imported}\n" + (copy / importer).read_text())
     assert (violations(copy) == []) == allowed
+
+
+def test_ray_trains_controller_never_imports_the_training_code():
+    """Ray Train unpickles `train_loop` and its DistillJob in its controller actor too, which
+    never trains: that module must not pull in timm, the readers or tracking (2 CPU-s a student)."""
+    import subprocess
+    import sys
+
+    heavy = ["timm", "pipeline.training.loop", "pipeline.tracking", "pipeline.data.readers"]
+    code = f"import sys, pipeline.training.job; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]", out

@@ -17,7 +17,7 @@ import yaml
 from pipeline.errors import PipelineError
 from pipeline.targets.lease import Lease
 from stages import caches, shard, teacher_cache
-from tests.conftest import tiny_config
+from tests.conftest import on_session_ray, tiny_config
 
 
 def test_a_second_concurrent_run_is_refused_and_the_store_verifies(tmp_path, ray_local):
@@ -28,8 +28,7 @@ def test_a_second_concurrent_run_is_refused_and_the_store_verifies(tmp_path, ray
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     first = subprocess.Popen([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=on_session_ray(ray_local))
     leases = lambda: glob.glob(os.path.join(cfg.cache_root, "*", "lease.json"))  # noqa: E731
     while not leases():
         assert first.poll() is None, first.stdout.read().decode()[-2000:]

@@ -3,7 +3,6 @@ from the start, or dying in the middle of a run. Every stage must retry and fini
 with a clear message and leave only markers that match their rows."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import s3fs
 import yaml
 
 from stages import caches, distill, evaluate, export, shard, teacher_cache
-from tests.conftest import new_bucket, tiny_config
+from tests.conftest import new_bucket, on_session_ray, tiny_config
 from tests.test_pipeline import check_outputs
 from tests.faults import FaultyProxy
 
@@ -23,11 +22,6 @@ def proxy(s3_endpoint):
     p = FaultyProxy(s3_endpoint, seed=1).start()
     yield p
     p.stop()
-
-
-def _on_this_ray(ray) -> dict:
-    """A command's environment that joins this session's Ray instead of starting one."""
-    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 def test_flaky_storage_every_stage_retries_and_finishes(proxy, ray_local):
@@ -73,7 +67,7 @@ def test_dead_storage_fails_with_a_clear_message_and_marks_nothing(proxy, ray_lo
     path.write_text(yaml.safe_dump(other.model_dump(mode="json")))
     proxy.down = True
     proc = subprocess.run([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
-                          capture_output=True, text=True, timeout=600, env=_on_this_ray(ray_local))
+                          capture_output=True, text=True, timeout=600, env=on_session_ray(ray_local))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "storage error" in proc.stderr and "Traceback" not in proc.stderr
     proxy.down = False
@@ -107,7 +101,7 @@ def test_storage_that_dies_mid_run_leaves_only_markers_that_match_their_rows(pro
 
     proxy.refuse = refuse
     proc = subprocess.run([sys.executable, "-m", "stages", "teacher-cache", "--config", str(path)],
-                          capture_output=True, text=True, timeout=600, env=_on_this_ray(ray_local))
+                          capture_output=True, text=True, timeout=600, env=on_session_ray(ray_local))
     proxy.refuse = None
     assert marked, proc.stderr[-2000:]
     assert proc.returncode == 1, proc.stderr[-2000:]

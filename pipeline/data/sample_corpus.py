@@ -23,9 +23,8 @@ BASES = COLOUR + GREY + ["motorcycle_left", "motorcycle_right"]
 def base_photographs() -> list[tuple[str, np.ndarray]]:
     import skimage.data as data
 
-    photos = [(name, getattr(data, name)()) for name in COLOUR + GREY]
     left, right, _ = data.stereo_motorcycle()
-    return photos + [("motorcycle_left", left), ("motorcycle_right", right)]
+    return list(zip(BASES, [getattr(data, name)() for name in COLOUR + GREY] + [left, right]))
 
 
 def file_names(n: int) -> list[str]:

@@ -10,8 +10,8 @@ import fnmatch
 import hashlib
 import inspect
 import io
-import pickle
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 
 import safetensors.torch
